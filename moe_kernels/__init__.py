@@ -1,1 +1,43 @@
+"""moe_kernels: fast Mixture-of-Experts building blocks for PyTorch.
 
+Ops (``moe_kernels.ops``): ``topk_gating``, ``route`` -> ``RoutingPlan``, ``dispatch``,
+``grouped_mm``, ``combine``, ``routing_histogram``; each a ``torch.library`` custom op with a
+plain-torch reference and an ordered list of backends (cuda, triton, cpu, reference).
+"""
+
+from __future__ import annotations
+
+from moe_kernels.ops import (
+    NoBackendError,
+    RoutingPlan,
+    combine,
+    dispatch,
+    grouped_mm,
+    route,
+    routing_histogram,
+    topk_gating,
+)
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """What the compiled core was built with: cpu, cuda (+ archs, nvcc), compilers, cutlass."""
+    from moe_kernels.ops._backend import _C, _C_IMPORT_ERROR
+
+    if _C is None:
+        return {"cpu": False, "cuda": False, "error": _C_IMPORT_ERROR}
+    return dict(_C.build_info())
+
+
+__all__ = [
+    "NoBackendError",
+    "RoutingPlan",
+    "build_info",
+    "combine",
+    "dispatch",
+    "grouped_mm",
+    "route",
+    "routing_histogram",
+    "topk_gating",
+]

@@ -29,7 +29,7 @@ int64_t gating_impl(const T* logits, int64_t T_, int64_t E, int64_t K, int score
       A zmax = -std::numeric_limits<A>::infinity();
       bool finite = true;
       for (int64_t e = 0; e < E; ++e) {
-        s[e] = load(z + e);
+        sel[e] = s[e] = load(z + e);
         finite = finite && std::isfinite(s[e]);
         zmax = std::max(zmax, s[e]);
       }
@@ -44,7 +44,9 @@ int64_t gating_impl(const T* logits, int64_t T_, int64_t E, int64_t K, int score
       } else {
         for (int64_t e = 0; e < E; ++e) s[e] = A(1) / (A(1) + std::exp(-s[e]));
       }
-      for (int64_t e = 0; e < E; ++e) sel[e] = bias ? s[e] + A(bias[e]) : s[e];
+      // Without a bias, select on the logits themselves (the scores are monotonic in them), so
+      // exact ties resolve the same way in every backend.
+      for (int64_t e = 0; e < E; ++e) sel[e] = bias ? s[e] + A(bias[e]) : sel[e];
       std::iota(idx.begin(), idx.end(), 0);
       std::partial_sort(idx.begin(), idx.begin() + K, idx.end(), [&](int32_t a, int32_t b) {
         return sel[a] > sel[b] || (sel[a] == sel[b] && a < b);

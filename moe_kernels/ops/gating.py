@@ -1,0 +1,156 @@
+"""Top-k gating: router logits -> (gate weights, expert ids).
+
+Legend: T tokens, E experts, K top-k. ``logits_TE`` fp32/bf16/fp16/fp64; ``weights_TK`` fp32
+(fp64 for fp64 logits); ``experts_TK`` int32. Scores are computed in fp32 (fp64), the optional
+``bias_E`` changes the selection only (never the weights), ties go to the lower expert index, and
+the weights are differentiable in the logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_kernels.ops import _backend as B
+
+SCORES = ("softmax", "sigmoid")
+
+
+def topk_gating_reference(logits_TE, k, score="softmax", bias_E=None, normalize=True):
+    """Plain-torch gating. Selection on the logits themselves when there is no bias (the scores
+    are monotonic in them), so exact ties resolve identically in every backend."""
+    acc = B.weight_dtype_for(logits_TE.dtype)
+    z = logits_TE.to(acc)
+    if z.numel() and not bool(torch.isfinite(z).all()):
+        bad = int((~torch.isfinite(z)).any(-1).nonzero()[0, 0])
+        raise ValueError(f"logits_TE: expected finite values, found NaN or inf in token {bad}")
+    s = torch.softmax(z, -1) if score == "softmax" else torch.sigmoid(z)
+    sel = z if bias_E is None else s + bias_E.to(acc)
+    experts = torch.sort(sel, dim=-1, descending=True, stable=True).indices[:, :k]
+    w = s.gather(-1, experts)
+    if normalize:
+        w = w / w.sum(-1, keepdim=True)
+    return w, experts.to(torch.int32)
+
+
+def gating_backward(grad_w_TK, logits_TE, experts_TK, score, normalize):
+    """d(loss)/d(logits) from d(loss)/d(weights), in plain torch (shared by every backend)."""
+    acc = B.weight_dtype_for(logits_TE.dtype)
+    z = logits_TE.to(acc)
+    s = torch.softmax(z, -1) if score == "softmax" else torch.sigmoid(z)
+    idx = experts_TK.long()
+    g = s.gather(-1, idx)
+    dg = grad_w_TK.to(acc)
+    if normalize:
+        denom = g.sum(-1, keepdim=True)
+        dg = (dg - (dg * (g / denom)).sum(-1, keepdim=True)) / denom
+    ds = torch.zeros_like(s).scatter_add_(-1, idx, dg)
+    if score == "softmax":
+        dz = s * (ds - (ds * s).sum(-1, keepdim=True))
+    else:
+        dz = ds * s * (1 - s)
+    return dz.to(logits_TE.dtype)
+
+
+class ReferenceGating(B.Backend):
+    name = "reference"
+
+    def forward(self, logits, k, score, bias, normalize):
+        return topk_gating_reference(logits, k, score, bias, normalize)
+
+
+class CpuGating(B.Backend):
+    name = "cpu"
+
+    def not_supported_reasons(self, logits, **_):
+        return B.cpu_reasons(logits)
+
+    def forward(self, logits, k, score, bias, normalize):
+        T, E = logits.shape
+        w = torch.empty(T, k, dtype=B.weight_dtype_for(logits.dtype))
+        experts = torch.empty(T, k, dtype=torch.int32)
+        B._C.topk_gating_cpu(
+            B.ptr(logits), B.DTYPE_CODES[logits.dtype], T, E, k, SCORES.index(score),
+            B.ptr(bias), normalize, B.ptr(w), B.ptr(experts),
+        )
+        return w, experts
+
+
+BACKENDS: list[B.Backend] = [
+    B.NotImplementedBackend("cuda", "no CUDA gating kernel in this version"),
+    B.NotImplementedBackend("triton", "no Triton gating kernel in this version"),
+    CpuGating(),
+    ReferenceGating(),
+]
+
+
+@torch.library.custom_op("moe_kernels::topk_gating", mutates_args=())
+def _topk_gating_op(
+    logits: torch.Tensor, k: int, score: str, bias: torch.Tensor | None, normalize: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return B.by_name(BACKENDS, backend).forward(logits, k, score, bias, normalize)
+
+
+@_topk_gating_op.register_fake
+def _(logits, k, score, bias, normalize, backend):
+    T = logits.shape[0]
+    w = logits.new_empty(T, k, dtype=B.weight_dtype_for(logits.dtype))
+    return w, logits.new_empty(T, k, dtype=torch.int32)
+
+
+def _setup(ctx, inputs, output):
+    logits, _, score, _, normalize, _ = inputs
+    ctx.save_for_backward(logits, output[1])
+    ctx.score, ctx.normalize = score, normalize
+
+
+def _backward(ctx, grad_w, _grad_experts):
+    logits, experts = ctx.saved_tensors
+    return gating_backward(grad_w, logits, experts, ctx.score, ctx.normalize), *([None] * 5)
+
+
+_topk_gating_op.register_autograd(_backward, setup_context=_setup)
+
+
+def topk_gating(
+    logits_TE: torch.Tensor,
+    k: int,
+    *,
+    score: str = "softmax",
+    bias_E: torch.Tensor | None = None,
+    normalize: bool = True,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Select the top-``k`` experts of every token and their gate weights.
+
+    Args:
+        logits_TE: router logits, shape (T, E), float dtype, contiguous, finite.
+        k: experts per token, 1 <= k <= E.
+        score: ``"softmax"`` or ``"sigmoid"`` scores s = score(logits), computed in fp32.
+        bias_E: optional selection bias (shape (E,)): selection uses s + bias, weights use s.
+        normalize: renormalise the k selected scores to sum to 1.
+        backend: force a backend (``"cpu"``, ``"reference"``, ...); default picks the first fit.
+
+    Returns:
+        ``(weights_TK, experts_TK)``: fp32 (fp64 for fp64 logits) weights and int32 expert ids,
+        ordered by decreasing selection score, ties to the lower index.
+
+    Raises:
+        TypeError / ValueError naming the argument: wrong type, dtype, rank, device, shape,
+        k out of range, unknown score, NaN or inf logits, non-contiguous logits.
+    """
+    B.check_tensor("logits_TE", logits_TE, ndim=2, dtypes=B.FLOAT_DTYPES)
+    B.check_contiguous("logits_TE", logits_TE)
+    T, E = logits_TE.shape
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k: expected an int, got {type(k).__name__}")
+    if not 1 <= k <= E:
+        raise ValueError(f"k: expected 1 <= k <= E = {E}, got {k}")
+    if score not in SCORES:
+        raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
+    if bias_E is not None:
+        B.check_tensor("bias_E", bias_E, ndim=1, dtypes=B.FLOAT_DTYPES, device=logits_TE.device)
+        B.check_shape("bias_E", bias_E, (E,))
+        bias_E = bias_E.detach().to(torch.float32).contiguous()
+    chosen = B.select("topk_gating", BACKENDS, backend, logits=logits_TE, bias=bias_E)
+    return _topk_gating_op(logits_TE, k, score, bias_E, bool(normalize), chosen.name)

@@ -1,0 +1,134 @@
+"""Routing histogram: label x expert counts (and gate-weight sums), accumulated in place.
+
+Legend: T tokens, K top-k, G label groups (domains), E experts. ``out_GE[labels[t],
+experts[t, k]] += 1`` and ``out_w_GE[...] += weights[t, k]``; entries with a negative label or
+expert id (padding, dropped slots) are skipped. Accumulates across calls and layers without a
+host synchronisation, so statistics can be collected at full training speed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_kernels.ops import _backend as B
+
+
+def routing_histogram_reference(experts_TK, labels_T, out_GE, weights_TK=None, out_w_GE=None):
+    G, E = out_GE.shape
+    K = experts_TK.shape[1]
+    lab = labels_T.long().unsqueeze(1).expand(-1, K).reshape(-1)
+    ex = experts_TK.long().reshape(-1)
+    if lab.numel():
+        if bool((lab >= G).any()):
+            t = int((lab >= G).nonzero()[0, 0]) // K
+            raise ValueError(
+                f"labels_T: expected labels < {G} (rows of out_GE), found {int(labels_T[t])} at token {t}"
+            )
+        if bool((ex >= E).any()):
+            t = int((ex >= E).nonzero()[0, 0]) // K
+            raise ValueError(f"experts_TK: expected expert ids < {E} (columns of out_GE) at token {t}")
+    valid = (lab >= 0) & (ex >= 0)
+    idx = (lab * E + ex)[valid]
+    out_GE.view(-1).index_add_(0, idx, torch.ones_like(idx))
+    if weights_TK is not None:
+        out_w_GE.view(-1).index_add_(0, idx, weights_TK.reshape(-1)[valid].to(out_w_GE.dtype))
+
+
+class ReferenceHistogram(B.Backend):
+    name = "reference"
+
+    def forward(self, experts, labels, out, weights, out_w):
+        routing_histogram_reference(experts, labels, out, weights, out_w)
+
+
+class CpuHistogram(B.Backend):
+    name = "cpu"
+
+    def not_supported_reasons(self, experts, out, **_):
+        return B.cpu_reasons(experts, out)
+
+    def forward(self, experts, labels, out, weights, out_w):
+        T, K = experts.shape
+        G, E = out.shape
+        B._C.routing_histogram_cpu(B.ptr(experts), B.ptr(labels), B.ptr(weights), T, K, G, E,
+                                   B.ptr(out), B.ptr(out_w))
+
+
+class CudaHistogram(B.Backend):
+    name = "cuda"
+
+    def not_supported_reasons(self, experts, out, **_):
+        return B.cuda_reasons(experts, out)
+
+    def forward(self, experts, labels, out, weights, out_w):
+        T, K = experts.shape
+        G, E = out.shape
+        stream = torch.cuda.current_stream(experts.device).cuda_stream
+        B._C.routing_histogram_cuda(B.ptr(experts), B.ptr(labels), B.ptr(weights), T, K, G, E,
+                                    B.ptr(out), B.ptr(out_w), stream)
+
+
+BACKENDS: list[B.Backend] = [
+    CudaHistogram(),
+    B.NotImplementedBackend("triton", "no Triton histogram kernel in this version"),
+    CpuHistogram(),
+    ReferenceHistogram(),
+]
+
+
+@torch.library.custom_op("moe_kernels::routing_histogram", mutates_args=("out", "out_w"))
+def _histogram_op(
+    experts: torch.Tensor, labels: torch.Tensor, out: torch.Tensor,
+    weights: torch.Tensor | None, out_w: torch.Tensor | None, backend: str,
+) -> None:
+    B.by_name(BACKENDS, backend).forward(experts, labels, out, weights, out_w)
+
+
+@_histogram_op.register_fake
+def _(experts, labels, out, weights, out_w, backend):
+    return None
+
+
+def routing_histogram(
+    experts_TK: torch.Tensor,
+    labels_T: torch.Tensor,
+    out_GE: torch.Tensor,
+    weights_TK: torch.Tensor | None = None,
+    out_w_GE: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> None:
+    """Accumulate routing counts by label into ``out_GE`` (and weight sums into ``out_w_GE``).
+
+    Args:
+        experts_TK: (T, K) int32/int64 expert ids; -1 = skip (a dropped slot).
+        labels_T: (T,) int64/int32 labels in [-1, G); -1 = skip (padding).
+        out_GE: (G, E) int64, contiguous, updated in place.
+        weights_TK: optional (T, K) float gate weights; requires ``out_w_GE``.
+        out_w_GE: (G, E) float32, contiguous, updated in place.
+
+    Raises: TypeError/ValueError naming the argument (dtype, shape, device, ids >= E, labels >= G).
+    """
+    B.check_tensor("experts_TK", experts_TK, ndim=2, dtypes=(torch.int32, torch.int64))
+    dev = experts_TK.device
+    B.check_tensor("labels_T", labels_T, ndim=1, dtypes=(torch.int32, torch.int64), device=dev)
+    B.check_shape("labels_T", labels_T, (experts_TK.shape[0],))
+    B.check_tensor("out_GE", out_GE, ndim=2, dtypes=(torch.int64,), device=dev)
+    B.check_contiguous("out_GE", out_GE)
+    if (weights_TK is None) != (out_w_GE is None):
+        raise ValueError(
+            "weights_TK, out_w_GE: expected both or neither, got "
+            f"weights_TK={'a tensor' if weights_TK is not None else None}, "
+            f"out_w_GE={'a tensor' if out_w_GE is not None else None}"
+        )
+    if weights_TK is not None:
+        B.check_tensor("weights_TK", weights_TK, ndim=2, dtypes=B.FLOAT_DTYPES, device=dev)
+        B.check_shape("weights_TK", weights_TK, tuple(experts_TK.shape))
+        B.check_tensor("out_w_GE", out_w_GE, ndim=2, dtypes=(torch.float32,), device=dev)
+        B.check_shape("out_w_GE", out_w_GE, tuple(out_GE.shape))
+        B.check_contiguous("out_w_GE", out_w_GE)
+        weights_TK = weights_TK.detach().float().contiguous()
+    experts = experts_TK.detach().to(torch.int32).contiguous()
+    labels = labels_T.detach().to(torch.int64).contiguous()
+    chosen = B.select("routing_histogram", BACKENDS, backend, experts=experts, out=out_GE)
+    _histogram_op(experts, labels, out_GE, weights_TK, out_w_GE, chosen.name)

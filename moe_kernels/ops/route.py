@@ -1,0 +1,203 @@
+"""Routing plan: expert ids -> expert-contiguous row layout, with optional capacity dropping.
+
+Legend: T tokens, K top-k, E experts, N allocated rows (T*K dropless, min(T*K, E*capacity)
+with a capacity). All plan tensors are int32 on the device of ``experts_TK``. Rows of one
+expert are contiguous and in token order; rows past ``offsets_E1[E]`` are padding
+(``row_slot_N = -1``). Building a plan needs no host synchronisation.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from moe_kernels.ops import _backend as B
+
+DROPS = ("position", "score")
+
+
+class RoutingPlan(NamedTuple):
+    """Where every (token, slot) pair goes.
+
+    counts_E: requested selections per expert (before capacity).
+    kept_E: selections kept per expert (after capacity).
+    offsets_E1: exclusive prefix sum of kept_E, length E + 1; expert e owns rows
+        [offsets_E1[e], offsets_E1[e + 1]).
+    row_slot_N: flat slot index t * K + k held by each row, -1 for padding rows.
+    slot_row_TK: row of each (token, slot), -1 when dropped.
+    row_token_N: token of each row, -1 for padding rows.
+    """
+
+    counts_E: torch.Tensor
+    kept_E: torch.Tensor
+    offsets_E1: torch.Tensor
+    row_slot_N: torch.Tensor
+    slot_row_TK: torch.Tensor
+    row_token_N: torch.Tensor
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts_E.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.slot_row_TK.shape[1]
+
+    @property
+    def num_rows(self) -> int:
+        """Allocated rows N (an upper bound on the kept rows; no sync)."""
+        return self.row_slot_N.shape[0]
+
+    def kept_sizes(self) -> list[int]:
+        """Kept rows per expert as Python ints (one host synchronisation)."""
+        return self.kept_E.tolist()
+
+
+def num_rows(T: int, K: int, E: int, capacity: int | None) -> int:
+    return T * K if capacity is None else min(T * K, E * capacity)
+
+
+def route_reference(experts_TK, num_experts, capacity=None, weights_TK=None, drop="position"):
+    """Plain-torch routing plan (sorts; synchronises on CUDA)."""
+    T, K = experts_TK.shape
+    E = num_experts
+    dev = experts_TK.device
+    flat = experts_TK.reshape(-1).long()
+    S = flat.numel()
+    if S and (int(flat.min()) < 0 or int(flat.max()) >= E):
+        bad = int(((flat < 0) | (flat >= E)).nonzero()[0, 0])
+        raise ValueError(
+            f"experts_TK: expected expert ids in [0, {E}), found {int(flat[bad])} at token "
+            f"{bad // K}, slot {bad % K}"
+        )
+    counts = torch.bincount(flat, minlength=E)
+    start = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(flat, stable=True)  # by expert, then token order
+    ar = torch.arange(S, device=dev)
+    if capacity is None:
+        keep_sorted = torch.ones(S, dtype=torch.bool, device=dev)
+    elif drop == "position":
+        keep_sorted = (ar - start[flat[order]]) < capacity
+    else:
+        w = weights_TK.reshape(-1)
+        by_w = torch.argsort(-w.double(), stable=True)  # weight desc, ties by slot index asc
+        o = by_w[torch.argsort(flat[by_w], stable=True)]
+        keep_flat = torch.zeros(S, dtype=torch.bool, device=dev)
+        keep_flat[o] = (ar - start[flat[o]]) < capacity
+        keep_sorted = keep_flat[order]
+    kept_order = order[keep_sorted]
+    kept = torch.bincount(flat[kept_order], minlength=E)
+    offsets = torch.zeros(E + 1, dtype=torch.long, device=dev)
+    offsets[1:] = torch.cumsum(kept, 0)
+    N = num_rows(T, K, E, capacity)
+    row_slot = torch.full((N,), -1, dtype=torch.long, device=dev)
+    row_slot[: kept_order.numel()] = kept_order
+    slot_row = torch.full((S,), -1, dtype=torch.long, device=dev)
+    slot_row[kept_order] = torch.arange(kept_order.numel(), device=dev)
+    i32 = lambda t: t.to(torch.int32)
+    return i32(counts), i32(kept), i32(offsets), i32(row_slot), i32(slot_row.view(T, K))
+
+
+class ReferenceRoute(B.Backend):
+    name = "reference"
+
+    def forward(self, experts, E, capacity, weights, drop):
+        return route_reference(experts, E, None if capacity < 0 else capacity, weights, drop)
+
+
+class CpuRoute(B.Backend):
+    name = "cpu"
+
+    def not_supported_reasons(self, experts, weights=None, **_):
+        return B.cpu_reasons(experts, weights)
+
+    def forward(self, experts, E, capacity, weights, drop):
+        T, K = experts.shape
+        N = num_rows(T, K, E, None if capacity < 0 else capacity)
+        i32 = dict(dtype=torch.int32)
+        counts, kept, offsets = torch.empty(E, **i32), torch.empty(E, **i32), torch.empty(E + 1, **i32)
+        row_slot, slot_row = torch.empty(N, **i32), torch.empty(T, K, **i32)
+        wcode = B.DTYPE_CODES[weights.dtype] if weights is not None else 0
+        B._C.route_cpu(
+            B.ptr(experts), T, K, E, capacity, DROPS.index(drop), B.ptr(weights), wcode, N,
+            B.ptr(counts), B.ptr(kept), B.ptr(offsets), B.ptr(row_slot), B.ptr(slot_row),
+        )
+        return counts, kept, offsets, row_slot, slot_row
+
+
+BACKENDS: list[B.Backend] = [
+    B.NotImplementedBackend("cuda", "no CUDA route kernel in this version"),
+    B.NotImplementedBackend("triton", "no Triton route kernel in this version"),
+    CpuRoute(),
+    ReferenceRoute(),
+]
+
+
+@torch.library.custom_op("moe_kernels::route", mutates_args=())
+def _route_op(
+    experts: torch.Tensor, num_experts: int, capacity: int, weights: torch.Tensor | None,
+    drop: str, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return B.by_name(BACKENDS, backend).forward(experts, num_experts, capacity, weights, drop)
+
+
+@_route_op.register_fake
+def _(experts, num_experts, capacity, weights, drop, backend):
+    T, K = experts.shape
+    N = num_rows(T, K, num_experts, None if capacity < 0 else capacity)
+    new = lambda *shape: experts.new_empty(*shape, dtype=torch.int32)
+    return new(num_experts), new(num_experts), new(num_experts + 1), new(N), new(T, K)
+
+
+def route(
+    experts_TK: torch.Tensor,
+    num_experts: int,
+    *,
+    capacity: int | None = None,
+    weights_TK: torch.Tensor | None = None,
+    drop: str = "position",
+    backend: str | None = None,
+) -> RoutingPlan:
+    """Build the routing plan of ``experts_TK`` (see :class:`RoutingPlan`).
+
+    Args:
+        experts_TK: expert ids, shape (T, K), int32 or int64, values in [0, num_experts).
+        num_experts: E >= 1.
+        capacity: rows per expert (None = dropless). Beyond it, (token, slot) pairs are dropped:
+            ``drop="position"`` drops later tokens first, ``drop="score"`` drops the lowest
+            ``weights_TK`` first (ties: later slot first).
+        weights_TK: gate weights, shape (T, K), needed for ``drop="score"``.
+        backend: force a backend.
+
+    Raises:
+        TypeError / ValueError naming the argument (dtype, rank, device, ids out of range,
+        negative capacity, unknown drop policy, missing weights for score dropping).
+    """
+    B.check_tensor("experts_TK", experts_TK, ndim=2, dtypes=(torch.int32, torch.int64))
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts: expected an int >= 1, got {num_experts!r}")
+    if capacity is not None and (
+        isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0
+    ):
+        raise ValueError(f"capacity: expected None or an int >= 0, got {capacity!r}")
+    if drop not in DROPS:
+        raise ValueError(f"drop: expected one of {DROPS}, got {drop!r}")
+    if weights_TK is not None:
+        B.check_tensor("weights_TK", weights_TK, ndim=2, dtypes=B.FLOAT_DTYPES, device=experts_TK.device)
+        B.check_shape("weights_TK", weights_TK, tuple(experts_TK.shape))
+        weights_TK = weights_TK.detach()
+        if weights_TK.dtype != torch.float64:
+            weights_TK = weights_TK.float()
+        weights_TK = weights_TK.contiguous()
+    if drop == "score" and capacity is not None and weights_TK is None:
+        raise ValueError('weights_TK: required with drop="score" and a capacity, got None')
+    experts = experts_TK.to(torch.int32).contiguous()
+    chosen = B.select("route", BACKENDS, backend, experts=experts, weights=weights_TK)
+    cap = -1 if capacity is None else capacity
+    counts, kept, offsets, row_slot, slot_row = _route_op(
+        experts, num_experts, cap, weights_TK, drop, chosen.name
+    )
+    K = experts.shape[1]
+    row_token = torch.where(row_slot >= 0, torch.div(row_slot, K, rounding_mode="floor"), -1)
+    return RoutingPlan(counts, kept, offsets, row_slot, slot_row, row_token.to(torch.int32))
