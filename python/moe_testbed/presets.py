@@ -1,0 +1,102 @@
+"""Model size presets: one MoE family (E=8 routed experts, top-2, expert width = d_model).
+
+All presets keep the routing shape fixed (E=8, k=2, fine-grainedness d_ff_expert / d_model = 1)
+so that a routing result at ``tiny`` can be checked at ``large`` with nothing else changed.
+Counts below are for the default 4096-token vocabulary, tied embeddings, SwiGLU experts, an
+MoE FFN in every layer and no shared experts (``python -m moe_testbed.presets`` reprints them):
+
+============  =======  ======  =====  ===========  ==========  ===========  =================
+preset        d_model  layers  heads  d_ff_expert  total       active       train FLOPs/token
+============  =======  ======  =====  ===========  ==========  ===========  =================
+tiny          128      4       4      128          2.36 M      1.18 M       7.9 M
+small         256      6       4      256          12.07 M     5.00 M       32.3 M
+base          384      8       6      384          34.63 M     13.40 M      89.8 M
+large         512      11      8      512          82.89 M     30.99 M      203.2 M
+============  =======  ======  =====  ===========  ==========  ===========  =================
+
+``large`` has 35x ``tiny``'s total parameters and trains on one GPU. ``tiny`` trains on two CPU
+cores in minutes. Train FLOPs/token = 6 x active matmul parameters (the output projection
+included, the embedding lookup not) + 12 x layers x seq_len x d_model for attention scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from moe_testbed.config import ModelConfig, MoESettings
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(d_model=128, n_layers=4, n_heads=4, d_ff_expert=128, d_ff_dense=512),
+    "small": ModelConfig(d_model=256, n_layers=6, n_heads=4, d_ff_expert=256, d_ff_dense=1024),
+    "base": ModelConfig(d_model=384, n_layers=8, n_heads=6, d_ff_expert=384, d_ff_dense=1536,
+                        seq_len=256),
+    "large": ModelConfig(d_model=512, n_layers=11, n_heads=8, d_ff_expert=512, d_ff_dense=2048,
+                         seq_len=256),
+}
+
+DEFAULT_VOCAB = 4096
+
+
+def get_preset(name: str) -> ModelConfig:
+    """A fresh copy of the named preset. Raises ValueError listing the presets."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])
+
+
+def _is_moe(layer: int, m: ModelConfig) -> bool:
+    # Counting from the last layer: with moe_every=2 the last layer is MoE, like many MoE models.
+    return (m.n_layers - 1 - layer) % m.moe_every == 0
+
+
+def param_counts(m: ModelConfig, moe: MoESettings, vocab_size: int | None = None) -> dict:
+    """Analytic parameter counts and training FLOPs per token.
+
+    Returns dict with ``total``, ``active`` (per token: embeddings, attention, norms, routers,
+    top_k + shared experts), ``embedding``, ``flops_per_token`` (training, forward + backward).
+    """
+    v = vocab_size or m.vocab_size or DEFAULT_VOCAB
+    d = m.d_model
+    mats = 3 if moe.activation == "swiglu" else 2
+    expert = mats * d * m.d_ff_expert
+    dense_ffn = 3 * d * m.d_ff_dense  # dense layers use SwiGLU
+    attn = 4 * d * d
+    norms = 2 * d
+    emb = v * d
+    head = 0 if m.tie_embeddings else v * d
+    total = active = emb + head + d  # final norm
+    matmul_active = v * d  # the output projection (tied or not) is a matmul per token
+    for layer in range(m.n_layers):
+        total += attn + norms
+        active += attn + norms
+        matmul_active += attn
+        if _is_moe(layer, m):
+            router = d * moe.num_experts
+            n_total = moe.num_experts + moe.shared_experts
+            n_active = moe.top_k + moe.shared_experts
+            total += router + n_total * expert
+            active += router + n_active * expert
+            matmul_active += router + n_active * expert
+        else:
+            total += dense_ffn
+            active += dense_ffn
+            matmul_active += dense_ffn
+    flops = 6 * matmul_active + 12 * m.n_layers * m.seq_len * d
+    return {"total": total, "active": active, "embedding": emb, "flops_per_token": flops}
+
+
+def table(vocab_size: int = DEFAULT_VOCAB) -> str:
+    """The preset table as text (the one in this module's docstring)."""
+    rows = [f"{'preset':8s} {'d':>4s} {'L':>3s} {'H':>3s} {'F':>4s} {'total':>9s} "
+            f"{'active':>9s} {'FLOPs/tok':>10s}"]
+    for name, m in PRESETS.items():
+        c = param_counts(m, MoESettings(), vocab_size)
+        rows.append(
+            f"{name:8s} {m.d_model:4d} {m.n_layers:3d} {m.n_heads:3d} {m.d_ff_expert:4d} "
+            f"{c['total'] / 1e6:8.2f}M {c['active'] / 1e6:8.2f}M {c['flops_per_token'] / 1e6:9.1f}M"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(table())
