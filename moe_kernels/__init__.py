@@ -18,6 +18,9 @@ from moe_kernels.ops import (
     topk_gating,
 )
 
+from moe_kernels import stats
+from moe_kernels.layer import MoE, MoEConfig, aux_losses, share_router, update_routers
+
 __version__ = "0.1.0"
 
 
@@ -31,6 +34,12 @@ def build_info() -> dict:
 
 
 __all__ = [
+    "MoE",
+    "MoEConfig",
+    "aux_losses",
+    "share_router",
+    "stats",
+    "update_routers",
     "NoBackendError",
     "RoutingPlan",
     "build_info",
