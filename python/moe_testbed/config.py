@@ -77,7 +77,8 @@ class MoESettings:
 class DataConfig:
     """Where tokens come from. ``data_dir=None`` uses the sample shipped in the package."""
 
-    data_dir: str | None = None
+    data_dir: str | None = None  # "synthetic" = generated domains (tests, benchmarks)
+    domains: str | None = None  # comma-separated subset of the corpus's domains; None = all
     tokenizer_vocab: int = 4096
     eval_batches: int = 2  # validation batches per domain at each eval
 
