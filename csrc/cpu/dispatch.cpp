@@ -1,5 +1,7 @@
 // Dispatch on CPU: gather token rows into expert-contiguous rows (optionally scaled by the
 // slot's gate weight). Each output row is written by one thread: deterministic, no atomics.
+#include <cstring>
+
 #include "common.h"
 #include "cpu/ops.h"
 
@@ -23,7 +25,7 @@ void dispatch_impl(const T* x, int64_t D, int64_t K, const int32_t* row_slot, in
       const A w = static_cast<A>(weights[slot]);
       for (int64_t d = 0; d < D; ++d) store(o + d, w * load(src + d));
     } else {
-      for (int64_t d = 0; d < D; ++d) o[d] = src[d];
+      std::memcpy(o, src, D * sizeof(T));
     }
   }
 }
