@@ -71,7 +71,8 @@ def param_counts(m: ModelConfig, moe: MoESettings, vocab_size: int | None = None
         active += attn + norms
         matmul_active += attn
         if _is_moe(layer, m):
-            router = d * moe.num_experts
+            # hash routers have no weight; a random router's weight is a buffer, not a parameter
+            router = 0 if moe.router in ("hash", "random") else d * moe.num_experts
             n_total = moe.num_experts + moe.shared_experts
             n_active = moe.top_k + moe.shared_experts
             total += router + n_total * expert
