@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 import re
 import shutil
@@ -19,6 +20,7 @@ import tarfile
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -111,20 +113,31 @@ def libreoffice_help(root: Path, args: tuple, rng: random.Random) -> Docs:
         yield "\n".join(lines), _rel(p, root)
 
 
+def _render_man(path: Path) -> str | None:
+    data = path.read_bytes()
+    res = subprocess.run(
+        ["groff", "-k", "-man", "-Tutf8", "-P", "-cbou"],
+        input=gzip.decompress(data) if path.suffix == ".gz" else data,
+        capture_output=True,
+        timeout=60,
+    )
+    return res.stdout.decode("utf-8", errors="replace") if res.returncode == 0 else None
+
+
 def manpages(root: Path, args: tuple, rng: random.Random) -> Docs:
-    """Localised man pages under ``usr/share/man/<lang>/``, rendered to text with groff."""
+    """Localised man pages under ``usr/share/man/<lang>/``, rendered to text with groff (a few
+    pages at a time on a thread pool: groff runs in its own process)."""
     if not shutil.which("groff"):
         raise FileNotFoundError("groff not found (install groff-base) to render man pages")
     files = [p for d in args for p in (root / "usr/share/man" / d).glob("man*/*")]
-    for p in _shuffled([f for f in files if f.is_file()], rng):
-        res = subprocess.run(
-            ["groff", "-k", "-man", "-Tutf8", "-P", "-cbou"],
-            input=gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes(),
-            capture_output=True,
-            timeout=60,
-        )
-        if res.returncode == 0:
-            yield res.stdout.decode("utf-8", errors="replace"), _rel(p, root)
+    files = _shuffled([f for f in files if f.is_file()], rng)
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        for i in range(0, len(files), 4 * workers):
+            batch = files[i : i + 4 * workers]
+            for p, text in zip(batch, pool.map(_render_man, batch)):
+                if text is not None:
+                    yield text, _rel(p, root)
 
 
 def python_stdlib(root: Path, args: tuple, rng: random.Random) -> Docs:
