@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a decoder-only MoE LM. Precedence: flags > --config file > --preset.",
     )
     tr.add_argument("--out", help="run directory (default runs/PRESET-ROUTER-BALANCE-SCOPE)")
-    tr.add_argument("--no-resume", action="store_true", help="start over even if OUT has a checkpoint")
+    tr.add_argument(
+        "--no-resume", action="store_true", help="start over even if OUT has a checkpoint"
+    )
     add_config_flags(tr)
     tr.set_defaults(func=_cmd_train, _parser=tr)
 

@@ -283,7 +283,9 @@ def resolve(args: argparse.Namespace) -> RunConfig:
     preset = getattr(args, "preset", None) or file_d.get("preset", "tiny")
     cfg = RunConfig(preset=preset)
     cfg.model = get_preset(preset)
-    apply_overrides(cfg, {k: v for k, v in file_d.items() if k != "preset"}, origin=str(args.config))
+    apply_overrides(
+        cfg, {k: v for k, v in file_d.items() if k != "preset"}, origin=str(args.config)
+    )
     flags: dict[str, dict[str, Any]] = {}
     for key, value in vars(args).items():
         if "." in key:
@@ -302,7 +304,9 @@ def validate(cfg: RunConfig) -> None:
             f"model.d_model ({m.d_model}) must split into n_heads ({m.n_heads}) heads of even size"
         )
     if not 1 <= moe.top_k <= moe.num_experts:
-        raise ValueError(f"moe.top_k must be in [1, num_experts={moe.num_experts}], got {moe.top_k}")
+        raise ValueError(
+            f"moe.top_k must be in [1, num_experts={moe.num_experts}], got {moe.top_k}"
+        )
     if m.moe_every < 1 or m.n_layers < 1:
         raise ValueError("model.moe_every and model.n_layers must be >= 1")
     if t.steps < 1 or t.micro_batch_size < 1 or t.grad_accum < 1:

@@ -50,8 +50,9 @@ def demo_config(name: str, steps: int, data_dir: str | None = None) -> RunConfig
     return cfg
 
 
-def run_demo(out: str | Path = "runs/demo", steps: int | None = None,
-             data_dir: str | None = None) -> list[Path]:
+def run_demo(
+    out: str | Path = "runs/demo", steps: int | None = None, data_dir: str | None = None
+) -> list[Path]:
     """Train the four runs (each resumes if already there) and write ``OUT/compare``."""
     from moe_testbed.report import compare
     from moe_testbed.train import train

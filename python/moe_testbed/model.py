@@ -118,9 +118,7 @@ class MoETransformer(nn.Module):
             raise ValueError(f"model.vocab_size must be set (> 0), got {m.vocab_size}")
         self.model_config, self.moe_config = m, moe
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
-        self.blocks = nn.ModuleList(
-            Block(m, moe, _is_moe(i, m)) for i in range(m.n_layers)
-        )
+        self.blocks = nn.ModuleList(Block(m, moe, _is_moe(i, m)) for i in range(m.n_layers))
         self.norm = RMSNorm(m.d_model, m.norm_eps)
         self.head = None if m.tie_embeddings else nn.Linear(m.d_model, m.vocab_size, bias=False)
         cos, sin = rope_tables(m.seq_len, m.d_model // m.n_heads, m.rope_theta)
@@ -188,8 +186,11 @@ def route_experts(
 
     routers = {id(m): m for m in model.modules() if isinstance(m, Router)}
     seen: list[torch.Tensor] = []
-    hook = lambda _m, _inp, out: seen.append(out.experts_TK if hasattr(out, "experts_TK")  # noqa: E731
-                                             else out[1])
+    hook = lambda _m, _inp, out: seen.append(
+        out.experts_TK
+        if hasattr(out, "experts_TK")  # noqa: E731
+        else out[1]
+    )
     handles = [m.register_forward_hook(hook) for m in routers.values()]
     was_training = model.training
     try:

@@ -28,10 +28,12 @@ from moe_testbed.config import ModelConfig, MoESettings
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(d_model=128, n_layers=4, n_heads=4, d_ff_expert=128, d_ff_dense=512),
     "small": ModelConfig(d_model=256, n_layers=6, n_heads=4, d_ff_expert=256, d_ff_dense=1024),
-    "base": ModelConfig(d_model=384, n_layers=8, n_heads=6, d_ff_expert=384, d_ff_dense=1536,
-                        seq_len=256),
-    "large": ModelConfig(d_model=512, n_layers=11, n_heads=8, d_ff_expert=512, d_ff_dense=2048,
-                         seq_len=256),
+    "base": ModelConfig(
+        d_model=384, n_layers=8, n_heads=6, d_ff_expert=384, d_ff_dense=1536, seq_len=256
+    ),
+    "large": ModelConfig(
+        d_model=512, n_layers=11, n_heads=8, d_ff_expert=512, d_ff_dense=2048, seq_len=256
+    ),
 }
 
 DEFAULT_VOCAB = 4096
@@ -88,8 +90,10 @@ def param_counts(m: ModelConfig, moe: MoESettings, vocab_size: int | None = None
 
 def table(vocab_size: int = DEFAULT_VOCAB) -> str:
     """The preset table as text (the one in this module's docstring)."""
-    rows = [f"{'preset':8s} {'d':>4s} {'L':>3s} {'H':>3s} {'F':>4s} {'total':>9s} "
-            f"{'active':>9s} {'FLOPs/tok':>10s}"]
+    rows = [
+        f"{'preset':8s} {'d':>4s} {'L':>3s} {'H':>3s} {'F':>4s} {'total':>9s} "
+        f"{'active':>9s} {'FLOPs/tok':>10s}"
+    ]
     for name, m in PRESETS.items():
         c = param_counts(m, MoESettings(), vocab_size)
         rows.append(

@@ -90,7 +90,11 @@ def _optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -134,8 +138,14 @@ class StatsWindow:
     so a resumed run logs the same numbers.
     """
 
-    KEYS = ("requested_LDE", "kept_LDE", "weight_sum_LDE", "entropy_sum_L", "max_prob_sum_L",
-            "tokens_L")
+    KEYS = (
+        "requested_LDE",
+        "kept_LDE",
+        "weight_sum_LDE",
+        "entropy_sum_L",
+        "max_prob_sum_L",
+        "tokens_L",
+    )
 
     def __init__(self, model: torch.nn.Module, enabled: bool, all_reduce: bool) -> None:
         self.model, self.enabled, self.all_reduce = model, enabled, all_reduce
@@ -163,13 +173,15 @@ class StatsWindow:
         return out
 
 
-def routing_metrics(s: dict[str, np.ndarray], scope: str | None, prefix: str,
-                    groups: list[list[int]] | None) -> dict[str, float]:
+def routing_metrics(
+    s: dict[str, np.ndarray], scope: str | None, prefix: str, groups: list[list[int]] | None
+) -> dict[str, float]:
     """metrics.summarize of a window plus router entropy/confidence; {} for an empty window."""
     if not s or s["requested_LDE"].sum() == 0:
         return {}
-    out = metrics.summarize(s["requested_LDE"], kept_LDE=s["kept_LDE"], groups=groups,
-                            scope=scope, prefix=prefix)
+    out = metrics.summarize(
+        s["requested_LDE"], kept_LDE=s["kept_LDE"], groups=groups, scope=scope, prefix=prefix
+    )
     tokens = np.maximum(s["tokens_L"], 1)
     for name, key in (("router_entropy", "entropy_sum_L"), ("router_confidence", "max_prob_sum_L")):
         values = s[key] / tokens
@@ -218,8 +230,17 @@ class SyntheticData(RunData):
     r is drawn from a generator seeded by (seed, n * world + r): the position is one integer.
     """
 
-    def __init__(self, vocab_size: int, seq_len: int, batch: int, seed: int, rank: int,
-                 world: int, eval_batches: int, num_domains: int = 8) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        seq_len: int,
+        batch: int,
+        seed: int,
+        rank: int,
+        world: int,
+        eval_batches: int,
+        num_domains: int = 8,
+    ) -> None:
         self.domains = [f"synthetic{d}" for d in range(num_domains)]
         self.vocab_size, self.seq_len, self.batch = vocab_size, seq_len, batch
         self.seed, self.rank, self.world, self.eval_batches = seed, rank, world, eval_batches
@@ -227,12 +248,16 @@ class SyntheticData(RunData):
         g = np.random.default_rng(seed)
         width = vocab_size // (num_domains + 1)  # one slice per domain + one shared slice
         self.slices = [np.arange(d * width, (d + 1) * width) for d in range(num_domains + 1)]
-        self.next_tok = [g.choice(np.concatenate([sl, self.slices[-1]]), size=vocab_size)
-                         for sl in self.slices[:-1]]
+        self.next_tok = [
+            g.choice(np.concatenate([sl, self.slices[-1]]), size=vocab_size)
+            for sl in self.slices[:-1]
+        ]
 
     def _batch(self, key: int, batch: int, domain: int | None = None):
         g = np.random.default_rng([self.seed, key])
-        dom = g.integers(len(self.domains), size=batch) if domain is None else np.full(batch, domain)
+        dom = (
+            g.integers(len(self.domains), size=batch) if domain is None else np.full(batch, domain)
+        )
         toks = np.empty((batch, self.seq_len + 1), dtype=np.int64)
         for b, d in enumerate(dom):
             pool = np.concatenate([self.slices[d], self.slices[-1]])
@@ -257,12 +282,16 @@ class SyntheticData(RunData):
         self.n = int(state["n"])
 
     def val_batches(self, domain):
-        return [self._batch(10**9 + domain * 1000 + i, self.batch, domain)
-                for i in range(self.eval_batches)]
+        return [
+            self._batch(10**9 + domain * 1000 + i, self.batch, domain)
+            for i in range(self.eval_batches)
+        ]
 
     def pools(self):
-        return {d: torch.from_numpy(np.concatenate([self.slices[d], self.slices[-1]]))
-                for d in range(len(self.domains))}
+        return {
+            d: torch.from_numpy(np.concatenate([self.slices[d], self.slices[-1]]))
+            for d in range(len(self.domains))
+        }
 
 
 class CorpusData(RunData):
@@ -279,12 +308,15 @@ class CorpusData(RunData):
         self.val_set = data.build_dataset(corpus, tok, seq_len=seq, split="validation")
         self.domains = list(self.train_set.domains)
         self.vocab_size = int(self.train_set.vocab_size)
-        self.loader = data.BatchLoader(self.train_set, t.micro_batch_size, seed=t.seed, rank=rank,
-                                       world_size=world)
+        self.loader = data.BatchLoader(
+            self.train_set, t.micro_batch_size, seed=t.seed, rank=rank, world_size=world
+        )
         per_domain = d.eval_batches * t.micro_batch_size
         seqs = data.validation_sequences(self.val_set, max_per_domain=per_domain)
-        self._val = [[(x, torch.full_like(x, i)) for x in seqs[name].split(t.micro_batch_size)]
-                     for i, name in enumerate(self.domains)]
+        self._val = [
+            [(x, torch.full_like(x, i)) for x in seqs[name].split(t.micro_batch_size)]
+            for i, name in enumerate(self.domains)
+        ]
         self._pools: dict[int, torch.Tensor] | None = None
 
     def next_batch(self):
@@ -303,9 +335,12 @@ class CorpusData(RunData):
 
     def pools(self):
         if self._pools is None:  # the domain's own vocabulary: distinct ids of its train stream
-            self._pools = {i: torch.from_numpy(np.unique(np.asarray(self.train_set.tokens[n][:200_000])
-                                                         ).astype(np.int64))
-                           for i, n in enumerate(self.domains)}
+            self._pools = {
+                i: torch.from_numpy(
+                    np.unique(np.asarray(self.train_set.tokens[n][:200_000])).astype(np.int64)
+                )
+                for i, n in enumerate(self.domains)
+            }
         return self._pools
 
 
@@ -314,8 +349,9 @@ def build_data(cfg: RunConfig, rank: int, world: int) -> RunData:
     t, d = cfg.train, cfg.data
     if d.data_dir == "synthetic":
         vocab = cfg.model.vocab_size or 512
-        return SyntheticData(vocab, cfg.model.seq_len, t.micro_batch_size, t.seed, rank, world,
-                             d.eval_batches)
+        return SyntheticData(
+            vocab, cfg.model.seq_len, t.micro_batch_size, t.seed, rank, world, d.eval_batches
+        )
     return CorpusData(cfg, rank, world)
 
 
@@ -325,8 +361,12 @@ def build_data(cfg: RunConfig, rank: int, world: int) -> RunData:
 def _probe_batch(trainer: Trainer) -> tuple[torch.Tensor, torch.Tensor]:
     """First validation batch of every domain, a few sequences each: the fixed probe tokens."""
     per = max(1, 32 // len(trainer.data.domains))
-    toks, labs = zip(*[(b[0][0][:per], b[0][1][:per]) for b in
-                       (trainer.data.val_batches(d) for d in range(len(trainer.data.domains)))])
+    toks, labs = zip(
+        *[
+            (b[0][0][:per], b[0][1][:per])
+            for b in (trainer.data.val_batches(d) for d in range(len(trainer.data.domains)))
+        ]
+    )
     return torch.cat(toks)[:, :-1], torch.cat(labs)[:, :-1]
 
 
@@ -339,11 +379,13 @@ def run_probes(trainer: Trainer) -> tuple[dict[str, float], dict[str, np.ndarray
     route = lambda tok, lab: route_experts(trainer.raw, tok, lab)  # noqa: E731
     rec: dict[str, float] = {}
     gen = torch.Generator().manual_seed(trainer.cfg.train.seed + trainer.step)
-    stiff = probes.stiffness_under_perturbation(route, tokens, labels, trainer.data.pools(),
-                                                generator=gen)
+    stiff = probes.stiffness_under_perturbation(
+        route, tokens, labels, trainer.data.pools(), generator=gen
+    )
     experts = [e.cpu() for e in route(tokens, labels)]
     trainer.probe_state.setdefault("routes", {})[trainer.step] = np.stack(
-        [e.numpy() for e in experts]).astype(np.int16)
+        [e.numpy() for e in experts]
+    ).astype(np.int16)
     values: dict[str, list[float]] = {"stiffness": list(stiff)}
     for n in (1, 2):
         grams = probes.ngram_ids(tokens.cpu(), n).reshape(-1)
@@ -368,8 +410,10 @@ def finish_saturation(trainer: Trainer) -> None:
     if not routes:
         return
     final = routes[max(routes)]
-    out = {str(step): probes.saturation(list(r), list(final)).tolist()
-           for step, r in sorted(routes.items())}
+    out = {
+        str(step): probes.saturation(list(r), list(final)).tolist()
+        for step, r in sorted(routes.items())
+    }
     atomic_write_json(trainer.run_dir.path / "saturation.json", out)
 
 
@@ -488,11 +532,18 @@ class Trainer:
         }
         self.loss_sum.zero_()
         self.loss_count = 0
-        scope = self.cfg.moe.scope
+        # Balance is logged at micro-batch and global-batch scope whatever the training scope
+        # (sequence-scope MaxVio would need per-sequence counts, which the layers do not keep).
         if per_micro:
             step_counts = {k: sum(r[k] for r in per_micro) for k in ("requested_LDE",)}
-            mv_micro = np.mean([metrics.max_violation(r["requested_LDE"]) for r in per_micro
-                                if r["requested_LDE"].sum() > 0], axis=0)
+            mv_micro = np.mean(
+                [
+                    metrics.max_violation(r["requested_LDE"])
+                    for r in per_micro
+                    if r["requested_LDE"].sum() > 0
+                ],
+                axis=0,
+            )
             mv_global = metrics.max_violation(step_counts["requested_LDE"])
             rec["train/all/max_violation@micro_batch"] = float(np.mean(mv_micro))
             rec["train/all/max_violation@global_batch"] = float(np.mean(mv_global))
@@ -523,8 +574,11 @@ class Trainer:
                 tokens_BS1, labels_BS1 = tokens_BS1.to(self.device), labels_BS1.to(self.device)
                 with _autocast(self.cfg, self.device):
                     logits = self.raw(tokens_BS1[:, :-1], labels_BS1[:, :-1])
-                total += float(F.cross_entropy(logits.flatten(0, 1), tokens_BS1[:, 1:].reshape(-1),
-                                               reduction="sum"))
+                total += float(
+                    F.cross_entropy(
+                        logits.flatten(0, 1), tokens_BS1[:, 1:].reshape(-1), reduction="sum"
+                    )
+                )
                 n += tokens_BS1[:, 1:].numel()
             rec[f"val/{name}/loss"] = total / max(n, 1)
             rec[f"val/{name}/ppl"] = math.exp(min(rec[f"val/{name}/loss"], 50))
@@ -546,9 +600,14 @@ class Trainer:
                 stats.read(self.raw, reset=True)  # probe forwards are not validation counts
         if self.cfg.train.stats and self.rank == 0:
             self.run_dir.write_counts(
-                self.step, requested_LDE=val["requested_LDE"], kept_LDE=val["kept_LDE"],
-                weight_sum_LDE=val["weight_sum_LDE"], bias_LE=val.get("bias_LE"),
-                domains=self.data.domains, groups=self.groups, **extra,
+                self.step,
+                requested_LDE=val["requested_LDE"],
+                kept_LDE=val["kept_LDE"],
+                weight_sum_LDE=val["weight_sum_LDE"],
+                bias_LE=val.get("bias_LE"),
+                domains=self.data.domains,
+                groups=self.groups,
+                **extra,
             )
         self.model.train()
         if self.rank == 0:
@@ -593,15 +652,17 @@ class Trainer:
         atomic_write_bytes(path, buf.getvalue())
 
     def load(self) -> None:
-        state = torch.load(self.run_dir.checkpoints_dir / CKPT, map_location=self.device,
-                           weights_only=False)
+        state = torch.load(
+            self.run_dir.checkpoints_dir / CKPT, map_location=self.device, weights_only=False
+        )
         self.raw.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.tokens = state["step"], state["tokens"]
         if self.world > 1:
-            state.update(torch.load(self.run_dir.checkpoints_dir / f"rank{self.rank}.pt",
-                                    weights_only=False))
+            state.update(
+                torch.load(self.run_dir.checkpoints_dir / f"rank{self.rank}.pt", weights_only=False)
+            )
         self.data.load_state_dict(state["data"])
         _set_rng_state(state["rng"])
         self.window.sums = state["stats_window"]["sums"]
@@ -648,14 +709,14 @@ class Trainer:
 
     def print_summary(self) -> None:
         n = self.raw.num_params()
-        t = self.cfg.train
+        t, m = self.cfg.train, self.cfg.model
         print(
             f"moe-testbed: preset={self.cfg.preset} router={self.cfg.moe.router} "
             f"balance={self.cfg.moe.balance} scope={self.cfg.moe.scope} "
             f"E={self.cfg.moe.num_experts} k={self.cfg.moe.top_k}\n"
             f"  params: total {n['total'] / 1e6:.2f}M, active {n['active'] / 1e6:.2f}M per token; "
             f"train FLOPs/token {n['flops_per_token'] / 1e6:.1f}M\n"
-            f"  tokens/step {t.micro_batch_size * self.cfg.model.seq_len * t.grad_accum * self.world:,}"
+            f"  tokens/step {t.micro_batch_size * m.seq_len * t.grad_accum * self.world:,}"
             f" ({self.world} rank(s) x {t.grad_accum} micro-batches); device {self.device}; "
             f"domains {len(self.data.domains)}; out {self.run_dir.path}",
             flush=True,

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import yaml
-
 from moe_testbed import cli
 from moe_testbed.config import SECTIONS, RunConfig, load_file, resolve, save
 
@@ -67,10 +66,18 @@ def test_bad_values_in_file_and_cross_field(tmp_path, capsys):
 
 def test_precedence_preset_file_flags(tmp_path):
     f = tmp_path / "run.yaml"
-    f.write_text(yaml.safe_dump({"preset": "small", "moe": {"router": "hash", "top_k": 1},
-                                 "train": {"steps": 7, "lr": 1e-4}}))
-    cfg = _resolve(["--config", str(f), "--top-k", "2", "--capacity-factor", "1.25",
-                    "--no-normalize"])
+    f.write_text(
+        yaml.safe_dump(
+            {
+                "preset": "small",
+                "moe": {"router": "hash", "top_k": 1},
+                "train": {"steps": 7, "lr": 1e-4},
+            }
+        )
+    )
+    cfg = _resolve(
+        ["--config", str(f), "--top-k", "2", "--capacity-factor", "1.25", "--no-normalize"]
+    )
     assert cfg.preset == "small" and cfg.model.d_model == 256  # from the preset named in the file
     assert cfg.moe.router == "hash" and cfg.train.steps == 7 and cfg.train.lr == 1e-4  # file
     assert cfg.moe.top_k == 2 and cfg.moe.capacity_factor == 1.25  # flags win
@@ -80,9 +87,25 @@ def test_precedence_preset_file_flags(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
 def test_round_trip(tmp_path, suffix):
-    cfg = _resolve(["--router", "reference", "--num-groups", "4", "--balance", "aux_free",
-                    "--scope", "micro_batch", "--bias-rule", "mean_centred", "--moe-every", "2",
-                    "--deterministic", "--steps", "3"])
+    cfg = _resolve(
+        [
+            "--router",
+            "reference",
+            "--num-groups",
+            "4",
+            "--balance",
+            "aux_free",
+            "--scope",
+            "micro_batch",
+            "--bias-rule",
+            "mean_centred",
+            "--moe-every",
+            "2",
+            "--deterministic",
+            "--steps",
+            "3",
+        ]
+    )
     path = tmp_path / ("config" + suffix)
     save(cfg, path)
     again = RunConfig.from_dict(load_file(path))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from moe_testbed.config import ModelConfig, MoESettings
 from moe_testbed.model import MoETransformer, route_experts
 from moe_testbed.presets import PRESETS, get_preset, param_counts
@@ -20,8 +19,9 @@ def _one_thread():
 
 
 def _small(**kw) -> tuple[ModelConfig, MoESettings]:
-    m = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=2, d_ff_expert=16,
-                    d_ff_dense=48, seq_len=16)
+    m = ModelConfig(
+        vocab_size=97, d_model=32, n_layers=2, n_heads=2, d_ff_expert=16, d_ff_dense=48, seq_len=16
+    )
     moe = MoESettings(num_experts=4, top_k=2)
     for k, v in kw.items():
         setattr(m if hasattr(m, k) else moe, k, v)

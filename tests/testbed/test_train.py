@@ -13,20 +13,39 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from moe_testbed.config import RunConfig
 from moe_testbed.train import lr_at, train
 
 ROOT = Path(__file__).resolve().parents[2]
 # A few-second model on synthetic domains: what the loop does, not what the model learns.
-SMALL = ["--data-dir", "synthetic", "--vocab-size", "256", "--d-model", "32", "--n-layers", "2",
-         "--n-heads", "2", "--d-ff-expert", "32", "--seq-len", "16", "--micro-batch-size", "4",
-         "--eval-batches", "1", "--no-progress"]
+SMALL = [
+    "--data-dir",
+    "synthetic",
+    "--vocab-size",
+    "256",
+    "--d-model",
+    "32",
+    "--n-layers",
+    "2",
+    "--n-heads",
+    "2",
+    "--d-ff-expert",
+    "32",
+    "--seq-len",
+    "16",
+    "--micro-batch-size",
+    "4",
+    "--eval-batches",
+    "1",
+    "--no-progress",
+]
 
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "python"), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), str(ROOT / "python"), env.get("PYTHONPATH", "")]
+    )
     env["OMP_NUM_THREADS"] = "1"  # tiny matmuls: more threads only contend
     return env
 
@@ -52,8 +71,9 @@ def test_lr_schedule():
 def test_short_run_in_process(tmp_path):
     torch.set_num_threads(1)
     cfg = RunConfig()
-    for key, value in dict(vocab_size=128, d_model=32, n_layers=2, n_heads=2, d_ff_expert=32,
-                           seq_len=16).items():
+    for key, value in dict(
+        vocab_size=128, d_model=32, n_layers=2, n_heads=2, d_ff_expert=32, seq_len=16
+    ).items():
         setattr(cfg.model, key, value)
     cfg.moe.router, cfg.moe.num_groups = "reference", None  # groups from the 8 domains
     cfg.moe.num_experts, cfg.moe.top_k = 8, 1
@@ -66,7 +86,9 @@ def test_short_run_in_process(tmp_path):
     assert final["val/all/reference_agreement"] == 1.0
     assert np.isfinite(final["loss"]) and "val/synthetic0/loss" in final
     assert sorted(p.name for p in (tmp_path / "run" / "counts").iterdir()) == [
-        "step_0000003.npz", "step_0000006.npz"]
+        "step_0000003.npz",
+        "step_0000006.npz",
+    ]
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert RunConfig.from_dict(saved).to_dict() == cfg.to_dict()
 
@@ -83,8 +105,12 @@ def test_resume_after_sigkill_reproduces_run(tmp_path, flags):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     subprocess.run(_cli(*args, "--out", str(ref)), env=_env(), check=True, capture_output=True)
 
-    proc = subprocess.Popen(_cli(*args, "--out", str(killed)), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli(*args, "--out", str(killed)),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckpt = killed / "checkpoints" / "last.pt"
     deadline = time.time() + 120
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
@@ -108,9 +134,29 @@ def test_resume_after_sigkill_reproduces_run(tmp_path, flags):
 
 def test_two_process_gloo_ddp(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "moe_testbed.cli", "train", *SMALL, "--steps", "4", "--grad-accum", "2",
-           "--log-every", "2", "--eval-every", "4", "--ckpt-every", "4", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "moe_testbed.cli",
+        "train",
+        *SMALL,
+        "--steps",
+        "4",
+        "--grad-accum",
+        "2",
+        "--log-every",
+        "2",
+        "--eval-every",
+        "4",
+        "--ckpt-every",
+        "4",
+        "--out",
+        str(out),
+    ]
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     records = _records(out)

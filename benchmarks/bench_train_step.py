@@ -1,0 +1,99 @@
+"""Training-step time of a preset with routing statistics on vs off, and tokens/s.
+
+    python benchmarks/bench_train_step.py [--preset tiny] [--steps 30] [--repeats 5]
+
+One step = forward + cross-entropy + aux losses, backward, AdamW step, update_routers; with
+statistics on, the MoE layers record counts every forward and the host reads them every 10
+steps as the trainer does. On and off alternate in blocks of ``--steps`` steps, ``--repeats``
+times, and the medians are compared, so drifting machine load hits both alike. CPU timings use
+the host clock (synchronous execution); on CUDA the clock is read after a device synchronize.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from moe_testbed.config import MoESettings
+from moe_testbed.model import MoETransformer
+from moe_testbed.presets import get_preset
+
+from moe_kernels import aux_losses, stats, update_routers
+
+READ_EVERY = 10  # the trainer's default log interval
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_block(model, opt, batches, device, with_stats: bool) -> float:
+    """Seconds per step over ``batches``."""
+    if with_stats:
+        stats.enable(model, num_labels=8)
+    else:
+        stats.disable(model)
+    _sync(device)
+    tic = time.perf_counter()
+    for i, (tokens, labels) in enumerate(batches):
+        logits = model(tokens[:, :-1], labels[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].reshape(-1)) + aux_losses(model)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        update_routers(model)
+        if with_stats and (i + 1) % READ_EVERY == 0:
+            stats.read(model, reset=True)
+    _sync(device)
+    return (time.perf_counter() - tic) / len(batches)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--vocab", type=int, default=4096)
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    m = get_preset(args.preset)
+    m.vocab_size = args.vocab
+    model = MoETransformer(m, MoESettings()).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = [
+        (
+            torch.randint(0, args.vocab, (args.batch, m.seq_len + 1), device=device),
+            torch.randint(0, 8, (args.batch, m.seq_len + 1), device=device),
+        )
+        for _ in range(args.steps)
+    ]
+    time_block(model, opt, batches[:3], device, True)  # warm-up
+    on, off = [], []
+    for _ in range(args.repeats):
+        off.append(time_block(model, opt, batches, device, False))
+        on.append(time_block(model, opt, batches, device, True))
+    t_on, t_off = statistics.median(on), statistics.median(off)
+    tokens = args.batch * m.seq_len
+    n = model.num_params()
+    print(
+        f"preset {args.preset}: {n['total'] / 1e6:.2f}M params ({n['active'] / 1e6:.2f}M active), "
+        f"{tokens} tokens/step, device {device}, threads {torch.get_num_threads()}"
+    )
+    print(f"{'statistics':12s} {'ms/step':>9s} {'tokens/s':>10s}")
+    print(f"{'off':12s} {t_off * 1e3:9.1f} {tokens / t_off:10,.0f}")
+    print(f"{'on':12s} {t_on * 1e3:9.1f} {tokens / t_on:10,.0f}")
+    print(
+        f"statistics overhead: {100 * (t_on / t_off - 1):+.2f}% (median of {args.repeats} "
+        f"blocks of {args.steps} steps; spread off {min(off) * 1e3:.1f}-{max(off) * 1e3:.1f} ms, "
+        f"on {min(on) * 1e3:.1f}-{max(on) * 1e3:.1f} ms)"
+    )
+
+
+if __name__ == "__main__":
+    main()
