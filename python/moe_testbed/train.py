@@ -152,10 +152,11 @@ class StatsWindow:
         self.sums: dict[str, np.ndarray] = {}
         self.bias_LE: np.ndarray | None = None
 
-    def read(self) -> dict[str, np.ndarray]:
+    def read(self, all_reduce: bool | None = None) -> dict[str, np.ndarray]:
         from moe_kernels import stats
 
-        return stats.read(self.model, reset=True, all_reduce=self.all_reduce)
+        reduce = self.all_reduce if all_reduce is None else all_reduce
+        return stats.read(self.model, reset=True, all_reduce=reduce)
 
     def drain(self) -> None:
         if self.enabled:
@@ -494,7 +495,7 @@ class Trainer:
                 (loss / t.grad_accum).backward()
             total += ce.detach() / t.grad_accum
             if log_step and t.stats:
-                per_micro.append(self.window.read())
+                per_micro.append(self.window.read(all_reduce=False))  # this rank's micro-batch
         if t.grad_clip > 0:
             self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), t.grad_clip)
         self.optimizer.step()
@@ -510,6 +511,17 @@ class Trainer:
         if log_step:
             self.log(per_micro)
         return float(total) if log_step else float("nan")
+
+    def _all_ranks(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Sum host arrays over data-parallel ranks (identity on one rank)."""
+        if self.world == 1:
+            return arrays
+        out = {}
+        for k, v in arrays.items():
+            t = torch.from_numpy(np.ascontiguousarray(v))
+            dist.all_reduce(t)
+            out[k] = t.numpy()
+        return out
 
     def _aux(self) -> torch.Tensor:
         from moe_kernels import aux_losses
@@ -535,7 +547,9 @@ class Trainer:
         # Balance is logged at micro-batch and global-batch scope whatever the training scope
         # (sequence-scope MaxVio would need per-sequence counts, which the layers do not keep).
         if per_micro:
-            step_counts = {k: sum(r[k] for r in per_micro) for k in ("requested_LDE",)}
+            step_counts = self._all_ranks(
+                {k: sum(r[k] for r in per_micro) for k in StatsWindow.KEYS}
+            )
             mv_micro = np.mean(
                 [
                     metrics.max_violation(r["requested_LDE"])
@@ -550,8 +564,7 @@ class Trainer:
             for layer, (a, b) in enumerate(zip(np.atleast_1d(mv_micro), np.atleast_1d(mv_global))):
                 rec[f"train/layer{layer}/max_violation@micro_batch"] = float(a)
                 rec[f"train/layer{layer}/max_violation@global_batch"] = float(b)
-            for r in per_micro:
-                self.window.add(r)
+            self.window.add(step_counts)
             # Window metrics are over all tokens since the last log: label them by the window.
             rec.update(routing_metrics(self.window.take(), "log_window", "train/", self.groups))
             if self.window.bias_LE is not None:
