@@ -143,7 +143,9 @@ def manpages(root: Path, args: tuple, rng: random.Random) -> Docs:
 def python_stdlib(root: Path, args: tuple, rng: random.Random) -> Docs:
     """Standard-library ``.py`` files, without tests, idlelib test data and site-packages."""
     skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-    files = [p for p in root.rglob("usr/lib/python3*/**/*.py") if not skip & set(p.parts)]
+    files = [
+        p for p in root.rglob("usr/lib/python3*/**/*.py") if not skip & set(p.parts) and p.is_file()
+    ]  # is_file: the package holds dangling symlinks
     for p in _shuffled(files, rng):
         yield _read(p), _rel(p, root)
 
