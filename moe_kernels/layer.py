@@ -7,7 +7,11 @@ Expert weights are stacked per expert in the layout of Hugging Face Mixtral / Qw
 
 - ``w1_EFD`` (E, F, D): gate projection (Mixtral ``w1``, Qwen ``gate_proj``);
 - ``w3_EFD`` (E, F, D): up projection (Mixtral ``w3``, Qwen ``up_proj``), gated activations only;
-- ``w2_EDF`` (E, D, F): down projection (Mixtral ``w2``, Qwen ``down_proj``).
+- ``w2_EDF`` (E, D, F): down projection (Mixtral ``w2``, Qwen ``down_proj``);
+- with ``expert_bias=True``: ``b1_EF``, ``b3_EF`` (E, F) and ``b2_ED`` (E, D), added per row.
+
+HF transformers >= 5 fuses gate and up as ``gate_up_proj`` (E, 2F, D): ``w1_EFD`` is its first F
+rows per expert and ``w3_EFD`` the last F; ``down_proj`` (E, D, F) is ``w2_EDF``.
 
 ``grouped_mm`` takes (E, in, out) weights, so the forward passes transposed views
 (``w1_EFD.transpose(1, 2)`` is (E, D, F)); no copy is made.
@@ -73,6 +77,7 @@ class MoEConfig:
     num_groups: int | None = None
     shared_experts: int = 0
     activation: str = "swiglu"
+    expert_bias: bool = False  # per-expert biases b1/b3 (E, F), b2 (E, D): upcycled GPT-2 MLPs
 
     def __post_init__(self) -> None:
         choices = {
@@ -156,11 +161,13 @@ class MoE(nn.Module):
         num_experts, top_k: E and k.
         router, balance, capacity_factor, activation, shared_experts: see :class:`MoEConfig`;
             further ``MoEConfig`` fields (score, normalize, jitter, scope, aux_coef, z_coef,
-            bias_rate, bias_rule, drop, num_groups) as keyword arguments.
+            bias_rate, bias_rule, drop, num_groups, expert_bias) as keyword arguments.
         backend: force an op backend (``"cpu"``, ``"reference"``, ...) for every op.
 
     Raises ValueError naming the argument for invalid configurations (see ``MoEConfig``).
     """
+
+    _records_routing = True  # found by moe_kernels.stats
 
     def __init__(
         self, d_model: int, d_ff: int, num_experts: int = 8, top_k: int = 2, *,
@@ -193,6 +200,9 @@ class MoE(nn.Module):
         self.w1_EFD = nn.Parameter(_init_uniform(E, Fh, D, fan_in=D))
         self.w3_EFD = nn.Parameter(_init_uniform(E, Fh, D, fan_in=D)) if gated else None
         self.w2_EDF = nn.Parameter(_init_uniform(E, D, Fh, fan_in=Fh))
+        zeros = lambda *shape: nn.Parameter(torch.zeros(*shape)) if cfg.expert_bias else None
+        self.b1_EF, self.b2_ED = zeros(E, Fh), zeros(E, D)
+        self.b3_EF = zeros(E, Fh) if gated else None
         self.shared = (
             SharedExperts(D, shared_experts * Fh, cfg.activation) if shared_experts else None
         )
@@ -297,16 +307,22 @@ class MoE(nn.Module):
             weights_TK=dec.weights_TK.detach() if scored else None, drop=drop, backend=self.backend,
         )
 
-    def _experts(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, plan) -> torch.Tensor:
+    def _experts(self, x_TD: torch.Tensor, dec: RouterDecision, plan) -> torch.Tensor:
         dt = _compute_dtype(x_TD)
         b = self.backend
         x_ND = dispatch(x_TD.to(dt).contiguous(), plan, backend=b)
+        bias = lambda h, b_EX: h
+        if self.b1_EF is not None:
+            # Expert of every row (padding rows borrow slot 0's; combine never reads them).
+            row_expert_N = dec.experts_TK.reshape(-1).long()[plan.row_slot_N.long().clamp_min(0)]
+            bias = lambda h, b_EX: h + b_EX.to(dt)[row_expert_N]
         h = grouped_mm(x_ND, self.w1_EFD.to(dt).transpose(1, 2), plan.offsets_E1, backend=b)
-        h = self.act(h)
+        h = self.act(bias(h, self.b1_EF))
         if self.w3_EFD is not None:
-            h = h * grouped_mm(x_ND, self.w3_EFD.to(dt).transpose(1, 2), plan.offsets_E1, backend=b)
+            up = grouped_mm(x_ND, self.w3_EFD.to(dt).transpose(1, 2), plan.offsets_E1, backend=b)
+            h = h * bias(up, self.b3_EF)
         y_ND = grouped_mm(h.contiguous(), self.w2_EDF.to(dt).transpose(1, 2), plan.offsets_E1, backend=b)
-        return combine(y_ND, weights_TK, plan, backend=b)
+        return combine(bias(y_ND, self.b2_ED).contiguous(), dec.weights_TK, plan, backend=b)
 
     def _losses(self, x: torch.Tensor, dec: RouterDecision, sel_TK, counts_E) -> torch.Tensor:
         cfg = self.config
@@ -351,7 +367,7 @@ class MoE(nn.Module):
         T = x_TD.shape[0]
         dec = self._decide(x, labels_T, token_ids_T)
         plan = self._plan(dec, T)
-        out = self._experts(x_TD, dec.weights_TK, plan)
+        out = self._experts(x_TD, dec, plan)
         if self.shared is not None:
             out = out + self.shared(x_TD).to(out.dtype)
         kept_TK = torch.where(plan.slot_row_TK >= 0, dec.experts_TK, -1)

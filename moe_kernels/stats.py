@@ -85,9 +85,8 @@ class RoutingStats:
 
 
 def _layers(model: torch.nn.Module) -> list:
-    from moe_kernels.layer import MoE
-
-    return [m for m in model.modules() if isinstance(m, MoE)]
+    """Modules that record routing: ``MoE`` layers and converted HF sparse blocks, in order."""
+    return [m for m in model.modules() if getattr(type(m), "_records_routing", False)]
 
 
 def enable(model: torch.nn.Module, num_labels: int = 1) -> None:
