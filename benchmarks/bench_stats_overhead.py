@@ -4,8 +4,8 @@ Statistics add two ``routing_histogram`` calls (requested and kept counts by lab
 with gate-weight sums) and the router entropy / max-probability sums per forward, with no host
 synchronisation. This script times a training step of one layer (forward, aux loss, backward)
 both ways, interleaving the two so drift affects both equally, and prints the median times and
-the overhead in percent, plus the time of the statistics update alone relative to a step. CPU host clocks are fine here (the work is synchronous); a GPU run
-would need CUDA events.
+the overhead in percent, plus the time of the statistics update alone relative to a step.
+CPU host clocks are fine here (the work is synchronous); a GPU run would need CUDA events.
 
 Run: ``python benchmarks/bench_stats_overhead.py [--reps 30]``.
 """
@@ -64,8 +64,9 @@ def record_time(layer: MoE, x: torch.Tensor, labels: torch.Tensor, reps: int) ->
         dec = layer.router(x)
         plan = layer._plan(dec, x.shape[0])
         kept = torch.where(plan.slot_row_TK >= 0, dec.experts_TK, -1)
-    rec = lambda: layer._stats.record(dec.experts_TK, kept, dec.weights_TK, dec.scores_TE,
-                                      layer.config.score, labels)
+    rec = lambda: layer._stats.record(
+        dec.experts_TK, kept, dec.weights_TK, dec.scores_TE, layer.config.score, labels
+    )
     for _ in range(3):
         rec()
     times = []
@@ -81,16 +82,22 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--groups", type=int, default=8, help="number of labels (domains)")
     args = ap.parse_args()
-    print(f"# stats overhead, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), median of {args.reps}")
-    print("| shape | T | D | F | E | k | stats off (ms) | stats on (ms) | overhead | "
-          "record only (ms) | record / step |")
+    print(
+        f"# stats overhead, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), median of {args.reps}"
+    )
+    print(
+        "| shape | T | D | F | E | k | stats off (ms) | stats on (ms) | overhead | "
+        "record only (ms) | record / step |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for shape in SHAPES:
         off, on, rec = measure(shape, args.reps, args.groups)
         name, T, D, F, E, k = shape
-        print(f"| {name} | {T} | {D} | {F} | {E} | {k} | {off:.2f} | {on:.2f} | "
-              f"{100 * (on - off) / off:+.1f}% | {rec:.3f} | {100 * rec / off:.2f}% |")
+        print(
+            f"| {name} | {T} | {D} | {F} | {E} | {k} | {off:.2f} | {on:.2f} | "
+            f"{100 * (on - off) / off:+.1f}% | {rec:.3f} | {100 * rec / off:.2f}% |"
+        )
 
 
 if __name__ == "__main__":

@@ -80,7 +80,9 @@ def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits_TE.float(), -1).square().mean()
 
 
-def aux_free_update(bias_E: torch.Tensor, counts_E: torch.Tensor, rate: float, rule: str) -> torch.Tensor:
+def aux_free_update(
+    bias_E: torch.Tensor, counts_E: torch.Tensor, rate: float, rule: str
+) -> torch.Tensor:
     """One aux-loss-free bias step: raise the bias of under-loaded experts, lower over-loaded ones.
 
     Returns the new bias (same dtype and device); experts exactly at the mean load keep theirs.

@@ -1,4 +1,4 @@
-"""The ``MoE`` layer: router -> plan -> dispatch -> experts -> combine, every strategy a config value.
+"""The ``MoE`` layer: router -> plan -> dispatch -> experts -> combine; strategies are config.
 
 Legend: T tokens, D d_model, F d_ff (expert hidden dim), E experts, K top-k, N plan rows.
 
@@ -81,8 +81,13 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         choices = {
-            "router": ROUTERS, "score": SCORES, "balance": bal.BALANCES, "scope": bal.SCOPES,
-            "bias_rule": bal.BIAS_RULES, "drop": DROPS, "activation": tuple(ACTIVATIONS),
+            "router": ROUTERS,
+            "score": SCORES,
+            "balance": bal.BALANCES,
+            "scope": bal.SCOPES,
+            "bias_rule": bal.BIAS_RULES,
+            "drop": DROPS,
+            "activation": tuple(ACTIVATIONS),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -91,7 +96,9 @@ class MoEConfig:
         if isinstance(E, bool) or not isinstance(E, int) or E < 1:
             raise ValueError(f"num_experts: expected an int >= 1, got {E!r}")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= E:
-            raise ValueError(f"top_k: expected an int with 1 <= top_k <= num_experts = {E}, got {k!r}")
+            raise ValueError(
+                f"top_k: expected an int with 1 <= top_k <= num_experts = {E}, got {k!r}"
+            )
         for name in ("jitter", "aux_coef", "z_coef", "bias_rate"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v):
@@ -99,8 +106,12 @@ class MoEConfig:
         if self.jitter >= 1:
             raise ValueError(f"jitter: expected a value in [0, 1), got {self.jitter!r}")
         cf = self.capacity_factor
-        if cf is not None and (not isinstance(cf, (int, float)) or not cf > 0 or not math.isfinite(cf)):
-            raise ValueError(f"capacity_factor: expected None (dropless) or a number > 0, got {cf!r}")
+        if cf is not None and (
+            not isinstance(cf, (int, float)) or not cf > 0 or not math.isfinite(cf)
+        ):
+            raise ValueError(
+                f"capacity_factor: expected None (dropless) or a number > 0, got {cf!r}"
+            )
         n = self.shared_experts
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"shared_experts: expected an int >= 0, got {n!r}")
@@ -113,11 +124,13 @@ class MoEConfig:
                 )
             if k > E // G:
                 raise ValueError(
-                    f"top_k: router='reference' needs top_k <= num_experts / num_groups = {E // G}, got {k}"
+                    f"top_k: router='reference' needs top_k <= num_experts / num_groups = "
+                    f"{E // G}, got {k}"
                 )
         if self.balance == "aux_free" and self.router in ("hash", "expert_choice"):
             raise ValueError(
-                f"balance: 'aux_free' biases a token-choice top-k selection; router={self.router!r} "
+                f"balance: 'aux_free' biases a token-choice top-k selection; "
+                f"router={self.router!r} "
                 "has none (use balance='none')"
             )
 
@@ -137,13 +150,17 @@ def _init_uniform(*shape: int, fan_in: int) -> torch.Tensor:
 
 class SharedExperts(nn.Module):
     """``n`` always-on experts of hidden size F, kept as one dense FFN of hidden size n * F (the
-    sum of n unit-weight experts is the same function). Weights w1_FD/w3_FD (nF, D), w2_DF (D, nF)."""
+    sum of n unit-weight experts is the same function).
+
+    Weights w1_FD/w3_FD (nF, D), w2_DF (D, nF)."""
 
     def __init__(self, d_model: int, d_hidden: int, activation: str) -> None:
         super().__init__()
         self.act, gated = ACTIVATIONS[activation]
         self.w1_FD = nn.Parameter(_init_uniform(d_hidden, d_model, fan_in=d_model))
-        self.w3_FD = nn.Parameter(_init_uniform(d_hidden, d_model, fan_in=d_model)) if gated else None
+        self.w3_FD = (
+            nn.Parameter(_init_uniform(d_hidden, d_model, fan_in=d_model)) if gated else None
+        )
         self.w2_DF = nn.Parameter(_init_uniform(d_model, d_hidden, fan_in=d_hidden))
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
@@ -170,9 +187,18 @@ class MoE(nn.Module):
     _records_routing = True  # found by moe_kernels.stats
 
     def __init__(
-        self, d_model: int, d_ff: int, num_experts: int = 8, top_k: int = 2, *,
-        router: str = "learned", balance: str = "aux", capacity_factor: float | None = None,
-        activation: str = "swiglu", shared_experts: int = 0, backend: str | None = None,
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int = 8,
+        top_k: int = 2,
+        *,
+        router: str = "learned",
+        balance: str = "aux",
+        capacity_factor: float | None = None,
+        activation: str = "swiglu",
+        shared_experts: int = 0,
+        backend: str | None = None,
         **config,
     ) -> None:
         super().__init__()
@@ -180,8 +206,13 @@ class MoE(nn.Module):
         if unknown:
             raise ValueError(f"config: unknown MoEConfig fields {sorted(unknown)}")
         cfg = MoEConfig(
-            router=router, top_k=top_k, num_experts=num_experts, balance=balance,
-            capacity_factor=capacity_factor, activation=activation, shared_experts=shared_experts,
+            router=router,
+            top_k=top_k,
+            num_experts=num_experts,
+            balance=balance,
+            capacity_factor=capacity_factor,
+            activation=activation,
+            shared_experts=shared_experts,
             **config,
         )
         for name, v in (("d_model", d_model), ("d_ff", d_ff)):
@@ -193,8 +224,14 @@ class MoE(nn.Module):
         self.backend = backend
         E, D, Fh = num_experts, d_model, d_ff
         self.router = Router(
-            D, E, top_k, kind=cfg.router, score=cfg.score, normalize=cfg.normalize,
-            jitter=cfg.jitter, num_groups=cfg.num_groups,
+            D,
+            E,
+            top_k,
+            kind=cfg.router,
+            score=cfg.score,
+            normalize=cfg.normalize,
+            jitter=cfg.jitter,
+            num_groups=cfg.num_groups,
         )
         self.act, gated = ACTIVATIONS[cfg.activation]
         self.w1_EFD = nn.Parameter(_init_uniform(E, Fh, D, fan_in=D))
@@ -216,7 +253,9 @@ class MoE(nn.Module):
         self.__dict__["_router_owner"] = None  # set by share_router; not a submodule
 
     @classmethod
-    def from_config(cls, d_model: int, d_ff: int, config: MoEConfig, *, backend: str | None = None) -> MoE:
+    def from_config(
+        cls, d_model: int, d_ff: int, config: MoEConfig, *, backend: str | None = None
+    ) -> MoE:
         """Build a layer from a :class:`MoEConfig`."""
         kw = asdict(config)
         return cls(d_model, d_ff, kw.pop("num_experts"), kw.pop("top_k"), backend=backend, **kw)
@@ -229,7 +268,9 @@ class MoE(nn.Module):
         """The expert group of each domain (``router="reference"``): domain d owns experts
         ``[d*E/G, (d+1)*E/G)``. Raises ValueError for other routers."""
         if self.config.router != "reference":
-            raise ValueError(f"router: reference_groups() needs router='reference', got {self.config.router!r}")
+            raise ValueError(
+                f"router: reference_groups() needs router='reference', got {self.config.router!r}"
+            )
         return reference_groups(self.num_experts, self.config.num_groups)
 
     def _apply(self, fn, recurse=True):
@@ -248,9 +289,13 @@ class MoE(nn.Module):
         if t is None:
             return None
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor shaped like x[..., 0], got {type(t).__name__}")
+            raise TypeError(
+                f"{name}: expected a torch.Tensor shaped like x[..., 0], got {type(t).__name__}"
+            )
         if tuple(t.shape) != tuple(lead):
-            raise ValueError(f"{name}: expected shape {tuple(lead)} (x[..., 0]), got {tuple(t.shape)}")
+            raise ValueError(
+                f"{name}: expected shape {tuple(lead)} (x[..., 0]), got {tuple(t.shape)}"
+            )
         if t.dtype.is_floating_point or t.dtype == torch.bool:
             raise TypeError(f"{name}: expected an integer tensor, got {t.dtype}")
         return t.reshape(-1)
@@ -263,14 +308,24 @@ class MoE(nn.Module):
         if self._router_owner is not None:
             return
         if kind == "sequence" and x.dim() != 3:
-            raise ValueError(f"x: router='sequence' needs (B, S, D) input, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"x: router='sequence' needs (B, S, D) input, got shape {tuple(x.shape)}"
+            )
         if kind == "hash" and token_ids_T is None:
-            raise ValueError("token_ids: router='hash' needs token_ids shaped like x[..., 0], got None")
+            raise ValueError(
+                "token_ids: router='hash' needs token_ids shaped like x[..., 0], got None"
+            )
         if kind == "reference":
             if labels_T is None:
-                raise ValueError("labels: router='reference' needs domain labels shaped like x[..., 0], got None")
+                raise ValueError(
+                    "labels: router='reference' needs domain labels shaped like x[..., 0], got None"
+                )
             G = self.config.num_groups
-            if not torch.compiler.is_compiling() and labels_T.numel() and labels_T.device.type == "cpu":
+            if (
+                not torch.compiler.is_compiling()
+                and labels_T.numel()
+                and labels_T.device.type == "cpu"
+            ):
                 hi = int(labels_T.max())
                 if hi >= G:
                     raise ValueError(f"labels: expected domain labels in [-1, {G}), found {hi}")
@@ -287,7 +342,9 @@ class MoE(nn.Module):
                 )
             return dec
         bias = self.bias_E if self.config.balance == "aux_free" else None
-        dec = self.router(x, labels_T=labels_T, token_ids_T=token_ids_T, bias_E=bias, backend=self.backend)
+        dec = self.router(
+            x, labels_T=labels_T, token_ids_T=token_ids_T, bias_E=bias, backend=self.backend
+        )
         if self._stores_decision:
             self._shared_decision = dec
         return dec
@@ -303,8 +360,12 @@ class MoE(nn.Module):
             drop = cfg.drop
         scored = drop == "score" and capacity is not None
         return route(
-            dec.experts_TK, self.num_experts, capacity=capacity,
-            weights_TK=dec.weights_TK.detach() if scored else None, drop=drop, backend=self.backend,
+            dec.experts_TK,
+            self.num_experts,
+            capacity=capacity,
+            weights_TK=dec.weights_TK.detach() if scored else None,
+            drop=drop,
+            backend=self.backend,
         )
 
     def _experts(self, x_TD: torch.Tensor, dec: RouterDecision, plan) -> torch.Tensor:
@@ -321,7 +382,9 @@ class MoE(nn.Module):
         if self.w3_EFD is not None:
             up = grouped_mm(x_ND, self.w3_EFD.to(dt).transpose(1, 2), plan.offsets_E1, backend=b)
             h = h * bias(up, self.b3_EF)
-        y_ND = grouped_mm(h.contiguous(), self.w2_EDF.to(dt).transpose(1, 2), plan.offsets_E1, backend=b)
+        y_ND = grouped_mm(
+            h.contiguous(), self.w2_EDF.to(dt).transpose(1, 2), plan.offsets_E1, backend=b
+        )
         return combine(bias(y_ND, self.b2_ED).contiguous(), dec.weights_TK, plan, backend=b)
 
     def _losses(self, x: torch.Tensor, dec: RouterDecision, sel_TK, counts_E) -> torch.Tensor:
@@ -334,7 +397,9 @@ class MoE(nn.Module):
             if cfg.scope == "sequence":
                 S = x.shape[-2] if x.dim() >= 3 else p.shape[0]
                 E = self.num_experts
-                l_aux = bal.sequence_aux_loss(p.reshape(-1, S, E), sel_TK.reshape(-1, S, sel_TK.shape[-1]))
+                l_aux = bal.sequence_aux_loss(
+                    p.reshape(-1, S, E), sel_TK.reshape(-1, S, sel_TK.shape[-1])
+                )
             elif cfg.scope == "global_batch" and self.training:
                 l_aux = bal.switch_aux_loss(p, self.balance_state.accumulate_global(counts_E))
             else:  # micro_batch (and global_batch in eval mode: no step to accumulate over)
@@ -345,7 +410,10 @@ class MoE(nn.Module):
         return loss
 
     def forward(
-        self, x: torch.Tensor, *, labels: torch.Tensor | None = None,
+        self,
+        x: torch.Tensor,
+        *,
+        labels: torch.Tensor | None = None,
         token_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """MoE output for ``x`` (..., D), same shape; the model adds the residual.
@@ -390,7 +458,9 @@ class MoE(nn.Module):
         cfg = self.config
         if cfg.balance == "aux_free" and self._router_owner is None:
             counts = self.balance_state.window(cfg.scope)
-            self.bias_E.copy_(bal.aux_free_update(self.bias_E, counts, cfg.bias_rate, cfg.bias_rule))
+            self.bias_E.copy_(
+                bal.aux_free_update(self.bias_E, counts, cfg.bias_rate, cfg.bias_rule)
+            )
         self.router.redraw()
         self.balance_state.reset()
 
@@ -398,7 +468,8 @@ class MoE(nn.Module):
         c = self.config
         return (
             f"d_model={self.d_model}, d_ff={self.d_ff}, E={self.num_experts}, k={self.top_k}, "
-            f"router={c.router}, balance={c.balance}@{c.scope}, capacity_factor={c.capacity_factor}, "
+            f"router={c.router}, balance={c.balance}@{c.scope}, "
+            f"capacity_factor={c.capacity_factor}, "
             f"activation={c.activation}, shared_experts={c.shared_experts}"
         )
 

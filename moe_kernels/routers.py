@@ -35,7 +35,13 @@ from torch import nn
 from moe_kernels.ops import topk_gating
 
 ROUTERS = (
-    "learned", "frozen", "random", "hash", "reference", "expert_choice", "sequence",
+    "learned",
+    "frozen",
+    "random",
+    "hash",
+    "reference",
+    "expert_choice",
+    "sequence",
     "shared_router",
 )
 SCORES = ("softmax", "sigmoid")
@@ -91,8 +97,15 @@ class Router(nn.Module):
     """
 
     def __init__(
-        self, d_model: int, num_experts: int, top_k: int, *, kind: str = "learned",
-        score: str = "softmax", normalize: bool = True, jitter: float = 0.0,
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        kind: str = "learned",
+        score: str = "softmax",
+        normalize: bool = True,
+        jitter: float = 0.0,
         num_groups: int | None = None,
     ) -> None:
         super().__init__()
@@ -139,8 +152,12 @@ class Router(nn.Module):
             return F.linear(x, self.weight_ED.float())
 
     def forward(
-        self, x: torch.Tensor, *, labels_T: torch.Tensor | None = None,
-        token_ids_T: torch.Tensor | None = None, bias_E: torch.Tensor | None = None,
+        self,
+        x: torch.Tensor,
+        *,
+        labels_T: torch.Tensor | None = None,
+        token_ids_T: torch.Tensor | None = None,
+        bias_E: torch.Tensor | None = None,
         backend: str | None = None,
     ) -> RouterDecision:
         """Route ``x`` (..., D) (``sequence``: (B, S, D)). Raises ValueError naming ``x``,

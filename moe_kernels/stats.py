@@ -58,8 +58,13 @@ class RoutingStats:
             getattr(self, name).zero_()
 
     def record(
-        self, experts_TK: torch.Tensor, kept_experts_TK: torch.Tensor, weights_TK: torch.Tensor,
-        scores_TE: torch.Tensor, score: str, labels_T: torch.Tensor | None,
+        self,
+        experts_TK: torch.Tensor,
+        kept_experts_TK: torch.Tensor,
+        weights_TK: torch.Tensor,
+        scores_TE: torch.Tensor,
+        score: str,
+        labels_T: torch.Tensor | None,
     ) -> None:
         """Accumulate one forward's routing (in place, no host sync). Skipped while autograd
         recomputes a checkpointed forward, so nothing is counted twice."""
@@ -71,8 +76,14 @@ class RoutingStats:
         # Naming the CPU backend skips the CUDA backend's build_info() probe, which torch.compile
         # cannot trace (see ops/_backend.cuda_reasons).
         backend = "cpu" if experts_TK.device.type == "cpu" else None
-        routing_histogram(experts_TK, labels_T, self.requested_GE, weights_TK.detach(),
-                          self.weight_sum_GE, backend=backend)
+        routing_histogram(
+            experts_TK,
+            labels_T,
+            self.requested_GE,
+            weights_TK.detach(),
+            self.weight_sum_GE,
+            backend=backend,
+        )
         routing_histogram(kept_experts_TK, labels_T, self.kept_GE, backend=backend)
         with torch.no_grad():
             valid = (labels_T >= 0).to(torch.float64)
@@ -123,39 +134,49 @@ def read(model: torch.nn.Module, reset: bool = True, all_reduce: bool = False) -
     """
     layers = [m for m in _layers(model) if m._stats is not None]
     if not layers:
-        raise ValueError("model: no MoE layer has statistics enabled; call stats.enable(model) first")
+        raise ValueError(
+            "model: no MoE layer has statistics enabled; call stats.enable(model) first"
+        )
     sts = [m._stats for m in layers]
     L, G, E = len(sts), sts[0].num_labels, sts[0].num_experts
     if any(s.num_labels != G or s.num_experts != E for s in sts):
-        raise ValueError("model: MoE layers differ in num_experts or num_labels; read them one by one")
+        raise ValueError(
+            "model: MoE layers differ in num_experts or num_labels; read them one by one"
+        )
     dev = sts[0].requested_GE.device
     ints = torch.cat([getattr(s, f).reshape(-1).to(dev) for f in _INT_FIELDS for s in sts])
-    floats = torch.cat([getattr(s, f).reshape(-1).double().to(dev) for f in _FLOAT_FIELDS for s in sts])
+    floats = torch.cat(
+        [getattr(s, f).reshape(-1).double().to(dev) for f in _FLOAT_FIELDS for s in sts]
+    )
     if all_reduce and _dist_ready():
         torch.distributed.all_reduce(ints)
         torch.distributed.all_reduce(floats)
     has_bias = any(m.bias_E is not None for m in layers)
     parts = [ints, floats.view(torch.int64)]
     if has_bias:
-        bias = torch.stack([
-            m.bias_E.detach().double() if m.bias_E is not None
-            else torch.zeros(m.num_experts, dtype=torch.float64, device=m.device)
-            for m in layers
-        ]).to(dev)
+        bias = torch.stack(
+            [
+                m.bias_E.detach().double()
+                if m.bias_E is not None
+                else torch.zeros(m.num_experts, dtype=torch.float64, device=m.device)
+                for m in layers
+            ]
+        ).to(dev)
         parts.append(bias.reshape(-1).view(torch.int64))
     host = torch.cat(parts).cpu().numpy()  # the one synchronisation
     n_i, n_f = ints.numel(), floats.numel()
-    iv, fv = host[:n_i], host[n_i:n_i + n_f].view(np.float64)
+    iv, fv = host[:n_i], host[n_i : n_i + n_f].view(np.float64)
     LGE = L * G * E
     out = {
         "requested_LDE": iv[:LGE].reshape(L, G, E).copy(),
-        "kept_LDE": iv[LGE:2 * LGE].reshape(L, G, E).copy(),
-        "tokens_L": iv[2 * LGE:].copy(),
+        "kept_LDE": iv[LGE : 2 * LGE].reshape(L, G, E).copy(),
+        "tokens_L": iv[2 * LGE :].copy(),
         "weight_sum_LDE": fv[:LGE].reshape(L, G, E).astype(np.float32),
-        "entropy_sum_L": fv[LGE:LGE + L].copy(),
-        "max_prob_sum_L": fv[LGE + L:].copy(),
-        "bias_LE": host[n_i + n_f:].view(np.float64).reshape(L, E).astype(np.float32)
-        if has_bias else None,
+        "entropy_sum_L": fv[LGE : LGE + L].copy(),
+        "max_prob_sum_L": fv[LGE + L :].copy(),
+        "bias_LE": host[n_i + n_f :].view(np.float64).reshape(L, E).astype(np.float32)
+        if has_bias
+        else None,
     }
     if reset:
         for s in sts:

@@ -197,8 +197,10 @@ def _dp_worker(rank, port, out_path):
             losses.append(m.aux_loss.detach())
             grads.append(g / 2)
         s = stats.read(m, all_reduce=True)
-        torch.save({"losses": losses, "grads": grads, "tokens": torch.from_numpy(s["tokens_L"])},
-                   f"{out_path}.{rank}")
+        torch.save(
+            {"losses": losses, "grads": grads, "tokens": torch.from_numpy(s["tokens_L"])},
+            f"{out_path}.{rank}",
+        )
     finally:
         dist.destroy_process_group()
 
@@ -225,8 +227,11 @@ def test_global_scope_two_processes_matches_single_process():
     torch.testing.assert_close(res[0]["grads"][0], ref.router.weight_ED.grad, rtol=1e-4, atol=1e-6)
     # micro-batch 2: f from the counts of micro-batches 1..2 on both ranks, P local
     ref = _dp_layer("micro_batch")
-    counts = sum(ref.router(x).experts_TK.reshape(-1).bincount(minlength=E_DP).float()
-                 for rank in data for x in rank)
+    counts = sum(
+        ref.router(x).experts_TK.reshape(-1).bincount(minlength=E_DP).float()
+        for rank in data
+        for x in rank
+    )
     for r in range(2):
         p = torch.softmax(ref.router.logits(data[r][1].reshape(-1, D_DP)), -1).mean(0)
         expect = E_DP * (counts / counts.sum() * p).sum()

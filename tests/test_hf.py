@@ -18,22 +18,60 @@ from moe_kernels.integrations.hf import (  # noqa: E402
 )
 
 V = 50
-SMALL = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-             vocab_size=V, max_position_embeddings=32)
+SMALL = dict(
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    vocab_size=V,
+    max_position_embeddings=32,
+)
 
 
 def _sparse_models():
     t = transformers
-    yield "mixtral", t.MixtralForCausalLM(t.MixtralConfig(
-        intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, **SMALL))
-    yield "qwen2_moe", t.Qwen2MoeForCausalLM(t.Qwen2MoeConfig(
-        intermediate_size=24, moe_intermediate_size=8, shared_expert_intermediate_size=16,
-        num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, **SMALL))
-    yield "qwen3_moe", t.Qwen3MoeForCausalLM(t.Qwen3MoeConfig(
-        intermediate_size=24, moe_intermediate_size=8, num_experts=4, num_experts_per_tok=2,
-        head_dim=8, norm_topk_prob=True, **SMALL))
-    yield "olmoe", t.OlmoeForCausalLM(t.OlmoeConfig(
-        intermediate_size=8, num_experts=4, num_experts_per_tok=2, **SMALL))
+    yield (
+        "mixtral",
+        t.MixtralForCausalLM(
+            t.MixtralConfig(
+                intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, **SMALL
+            )
+        ),
+    )
+    yield (
+        "qwen2_moe",
+        t.Qwen2MoeForCausalLM(
+            t.Qwen2MoeConfig(
+                intermediate_size=24,
+                moe_intermediate_size=8,
+                shared_expert_intermediate_size=16,
+                num_experts=4,
+                num_experts_per_tok=2,
+                norm_topk_prob=False,
+                **SMALL,
+            )
+        ),
+    )
+    yield (
+        "qwen3_moe",
+        t.Qwen3MoeForCausalLM(
+            t.Qwen3MoeConfig(
+                intermediate_size=24,
+                moe_intermediate_size=8,
+                num_experts=4,
+                num_experts_per_tok=2,
+                head_dim=8,
+                norm_topk_prob=True,
+                **SMALL,
+            )
+        ),
+    )
+    yield (
+        "olmoe",
+        t.OlmoeForCausalLM(
+            t.OlmoeConfig(intermediate_size=8, num_experts=4, num_experts_per_tok=2, **SMALL)
+        ),
+    )
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
@@ -64,7 +102,9 @@ def test_sparse_blocks_same_outputs_and_routing(name):
     assert len(caps) == 2 and len(caps[0]) == 2 and len(caps[1]) == 1  # block 0 ran twice
     assert caps[0][0].experts_TK.shape == (14, 2)
     assert s["requested_LDE"].shape == (2, 3, 4) and s["tokens_L"].tolist() == [14, 14]
-    assert (s["requested_LDE"].sum(-1) == torch.bincount(labels.reshape(-1), minlength=3).numpy() * 2).all()
+    assert (
+        s["requested_LDE"].sum(-1) == torch.bincount(labels.reshape(-1), minlength=3).numpy() * 2
+    ).all()
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -72,8 +112,9 @@ def test_upcycle_exact_at_init_and_trains(family):
     t = transformers
     torch.manual_seed(0)
     if family == "gpt2":
-        model = t.GPT2LMHeadModel(t.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=V,
-                                               n_positions=32))
+        model = t.GPT2LMHeadModel(
+            t.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=V, n_positions=32)
+        )
     else:
         model = t.LlamaForCausalLM(t.LlamaConfig(intermediate_size=24, **SMALL))
     model.eval()

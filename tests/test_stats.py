@@ -1,4 +1,4 @@
-"""On-device routing statistics: counts by label x expert, sums, read/reset, multi-layer stacking."""
+"""On-device routing statistics: counts by label x expert, sums, read/reset, layer stacking."""
 
 from __future__ import annotations
 
@@ -87,4 +87,3 @@ def test_enable_errors():
         stats.enable(MoE(D, FF, E, K), num_labels=0)
     with pytest.raises(ValueError, match="model"):
         stats.enable(torch.nn.Linear(2, 2))
-

@@ -78,15 +78,27 @@ def _dense_weights(mlp: nn.Module) -> dict | None:
     None when ``mlp`` is not a GPT-2 or Llama-style MLP."""
     if hasattr(mlp, "c_fc") and hasattr(mlp, "c_proj"):  # GPT-2: Conv1D weights are (in, out)
         return dict(
-            w1=mlp.c_fc.weight.t(), w3=None, w2=mlp.c_proj.weight.t(),
-            b1=mlp.c_fc.bias, b3=None, b2=mlp.c_proj.bias,
-            activation=_activation_name(mlp.act, gated=False), dropout=getattr(mlp, "dropout", None),
+            w1=mlp.c_fc.weight.t(),
+            w3=None,
+            w2=mlp.c_proj.weight.t(),
+            b1=mlp.c_fc.bias,
+            b3=None,
+            b2=mlp.c_proj.bias,
+            activation=_activation_name(mlp.act, gated=False),
+            dropout=getattr(mlp, "dropout", None),
         )
-    if all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
+    if all(
+        isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")
+    ):
         return dict(
-            w1=mlp.gate_proj.weight, w3=mlp.up_proj.weight, w2=mlp.down_proj.weight,
-            b1=mlp.gate_proj.bias, b3=mlp.up_proj.bias, b2=mlp.down_proj.bias,
-            activation=_activation_name(mlp.act_fn, gated=True), dropout=None,
+            w1=mlp.gate_proj.weight,
+            w3=mlp.up_proj.weight,
+            w2=mlp.down_proj.weight,
+            b1=mlp.gate_proj.bias,
+            b3=mlp.up_proj.bias,
+            b2=mlp.down_proj.bias,
+            activation=_activation_name(mlp.act_fn, gated=True),
+            dropout=None,
         )
     return None
 
@@ -98,8 +110,13 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def upcycle(
-    model: nn.Module, num_experts: int = 8, top_k: int = 2, *, noise: float = 0.0,
-    generator: torch.Generator | None = None, **moe_kwargs,
+    model: nn.Module,
+    num_experts: int = 8,
+    top_k: int = 2,
+    *,
+    noise: float = 0.0,
+    generator: torch.Generator | None = None,
+    **moe_kwargs,
 ) -> list[str]:
     """Replace every dense MLP of a GPT-2 or Llama-family ``model`` with an MoE of copies of it.
 
@@ -112,16 +129,31 @@ def upcycle(
     """
     found = [(n, m, w) for n, m in model.named_modules() if (w := _dense_weights(m)) is not None]
     if not found:
-        raise ValueError("model: found no GPT-2 (c_fc/c_proj) or Llama-style (gate/up/down_proj) MLP")
+        raise ValueError(
+            "model: found no GPT-2 (c_fc/c_proj) or Llama-style (gate/up/down_proj) MLP"
+        )
     for name, _, w in found:
         Fh, D = w["w1"].shape
-        moe = MoE(D, Fh, num_experts, top_k, activation=w["activation"],
-                  expert_bias=w["b1"] is not None or w["b2"] is not None, **moe_kwargs)
+        moe = MoE(
+            D,
+            Fh,
+            num_experts,
+            top_k,
+            activation=w["activation"],
+            expert_bias=w["b1"] is not None or w["b2"] is not None,
+            **moe_kwargs,
+        )
         ref = w["w1"]
         moe.to(device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
-            pairs = [(moe.w1_EFD, w["w1"]), (moe.w3_EFD, w["w3"]), (moe.w2_EDF, w["w2"]),
-                     (moe.b1_EF, w["b1"]), (moe.b3_EF, w["b3"]), (moe.b2_ED, w["b2"])]
+            pairs = [
+                (moe.w1_EFD, w["w1"]),
+                (moe.w3_EFD, w["w3"]),
+                (moe.w2_EDF, w["w2"]),
+                (moe.b1_EF, w["b1"]),
+                (moe.b3_EF, w["b3"]),
+                (moe.b2_ED, w["b2"]),
+            ]
             for dst, src in pairs:
                 if dst is None:
                     continue
@@ -174,7 +206,9 @@ class SparseMoEBlock(nn.Module):
 
     _records_routing = True
 
-    def __init__(self, block: nn.Module, *, capture: bool = False, backend: str | None = None) -> None:
+    def __init__(
+        self, block: nn.Module, *, capture: bool = False, backend: str | None = None
+    ) -> None:
         super().__init__()
         self.gate = block.gate
         self.legacy = isinstance(block.gate, nn.Linear)  # transformers 4.x: gate is a Linear
@@ -201,13 +235,15 @@ class SparseMoEBlock(nn.Module):
         shape = hidden_states.shape
         if self.training and self.jitter > 0:
             hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
-                1.0 - self.jitter, 1.0 + self.jitter)
+                1.0 - self.jitter, 1.0 + self.jitter
+            )
         x_TD = hidden_states.reshape(-1, shape[-1]).contiguous()
         logits = self.gate(x_TD)
         logits = logits if self.legacy else logits[0]
         logits_TE = logits.float().contiguous()
-        weights_TK, experts_TK = topk_gating(logits_TE, self.top_k, normalize=self.normalize,
-                                             backend=self.backend)
+        weights_TK, experts_TK = topk_gating(
+            logits_TE, self.top_k, normalize=self.normalize, backend=self.backend
+        )
         plan = route(experts_TK, self.num_experts, backend=self.backend)
         b, ex = self.backend, self.experts
         x_ND = dispatch(x_TD, plan, backend=b)
@@ -227,8 +263,9 @@ class SparseMoEBlock(nn.Module):
 
     def _record(self, experts_TK, weights_TK, logits_TE) -> None:
         if self.capture:
-            self.captured.append(RoutingCapture(experts_TK.detach(), weights_TK.detach(),
-                                                logits_TE.detach()))
+            self.captured.append(
+                RoutingCapture(experts_TK.detach(), weights_TK.detach(), logits_TE.detach())
+            )
         if self._stats is not None:
             labels = self.labels.reshape(-1) if self.labels is not None else None
             scores = torch.softmax(logits_TE.detach(), -1)
@@ -236,10 +273,14 @@ class SparseMoEBlock(nn.Module):
 
 
 def _is_sparse_block(m: nn.Module) -> bool:
-    return type(m).__name__.endswith("SparseMoeBlock") and hasattr(m, "gate") and hasattr(m, "experts")
+    return (
+        type(m).__name__.endswith("SparseMoeBlock") and hasattr(m, "gate") and hasattr(m, "experts")
+    )
 
 
-def convert_sparse_moe(model: nn.Module, *, capture: bool = False, backend: str | None = None) -> list[str]:
+def convert_sparse_moe(
+    model: nn.Module, *, capture: bool = False, backend: str | None = None
+) -> list[str]:
     """Replace every sparse MoE block of ``model`` with a :class:`SparseMoEBlock` (same outputs).
 
     Returns the names of the converted blocks. Raises ValueError when there are none.
@@ -248,7 +289,9 @@ def convert_sparse_moe(model: nn.Module, *, capture: bool = False, backend: str 
     if not found:
         raise ValueError("model: found no *SparseMoeBlock (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE)")
     for name in found:
-        _replace(model, name, SparseMoEBlock(model.get_submodule(name), capture=capture, backend=backend))
+        _replace(
+            model, name, SparseMoEBlock(model.get_submodule(name), capture=capture, backend=backend)
+        )
     return found
 
 
