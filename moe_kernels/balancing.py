@@ -60,14 +60,16 @@ def switch_aux_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor) -> torch.Ten
     E = probs_TE.shape[-1]
     c = counts_E.detach().float()
     f = c / c.sum().clamp_min(1.0)
-    P = probs_TE.float().mean(0)
+    P = probs_TE.float().sum(0) / max(probs_TE.shape[0], 1)  # T = 0 gives 0, not NaN
     return E * (f * P).sum()
 
 
 def sequence_aux_loss(probs_BSE: torch.Tensor, experts_BSK: torch.Tensor) -> torch.Tensor:
     """Switch loss computed per sequence (f and P over its S tokens), averaged over sequences."""
     Bn, S, E = probs_BSE.shape
-    counts_BE = selection_counts(experts_BSK.reshape(Bn, -1), E)
+    if Bn == 0:
+        return probs_BSE.new_zeros((), dtype=torch.float32)
+    counts_BE = selection_counts(experts_BSK.reshape(Bn, S * experts_BSK.shape[-1]), E)
     f = counts_BE / counts_BE.sum(-1, keepdim=True).clamp_min(1.0)
     P = probs_BSE.float().mean(1)
     return (E * (f * P).sum(-1)).mean()

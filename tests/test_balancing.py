@@ -52,6 +52,16 @@ def test_sequence_aux_by_hand():
     assert sequence_aux_loss(probs, experts).item() == pytest.approx((2 * A + 1) / 2, rel=1e-6)
 
 
+def test_empty_batch_gives_zero_losses():
+    # T = 0 (an empty micro-batch): every loss is 0, not NaN
+    assert switch_aux_loss(torch.zeros(0, 4), torch.zeros(4)).item() == 0.0
+    assert sequence_aux_loss(torch.zeros(0, 3, 4), torch.zeros(0, 3, 2, dtype=torch.long)) == 0
+    for scope in ("sequence", "micro_batch", "global_batch"):
+        m = MoE(8, 16, 4, 2, scope=scope, capacity_factor=1.0)
+        y = m(torch.randn(0, 3, 8))
+        assert y.shape == (0, 3, 8) and m.aux_loss.item() == 0.0
+
+
 def test_z_loss_by_hand():
     assert z_loss(torch.zeros(3, 2)).item() == pytest.approx(math.log(2) ** 2)
     assert z_loss(torch.zeros(0, 2)).item() == 0.0  # T = 0
@@ -185,17 +195,16 @@ def _dp_worker(rank, port, out_path):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         m = _dp_layer("global_batch")
+        ddp = torch.nn.parallel.DistributedDataParallel(m)  # averages gradients over ranks
         stats.enable(m, num_labels=1)
         data = _dp_data()[rank]
         losses, grads = [], []
         for x in data:
             m.zero_grad()
-            m(x)
-            m.aux_loss.backward()
-            g = m.router.weight_ED.grad.clone()
-            dist.all_reduce(g)  # what DDP does (sum, then / world size)
+            y = ddp(x)
+            (m.aux_loss + 0 * y.sum()).backward()  # every parameter takes part (DDP needs it)
             losses.append(m.aux_loss.detach())
-            grads.append(g / 2)
+            grads.append(m.router.weight_ED.grad.clone())
         s = stats.read(m, all_reduce=True)
         torch.save(
             {"losses": losses, "grads": grads, "tokens": torch.from_numpy(s["tokens_L"])},
