@@ -22,6 +22,9 @@ except ImportError as exc:  # source tree without a build, or a broken build
 else:
     _C_IMPORT_ERROR = ""
 
+# Read once: backend selection runs inside torch.compile traces, which cannot call into _C.
+_C_HAS_CUDA = bool(_C is not None and _C.build_info()["cuda"])
+
 # Must match csrc/common.h::DType.
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2, torch.float16: 3}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -89,7 +92,7 @@ def cuda_reasons(*tensors: torch.Tensor) -> list[str]:
     reasons = []
     if _C is None:
         reasons.append(_C_IMPORT_ERROR)
-    elif not _C.build_info()["cuda"]:
+    elif not _C_HAS_CUDA:
         reasons.append("moe_kernels._C was built without CUDA")
     for t in tensors:
         if t is not None and t.device.type != "cuda":
