@@ -55,7 +55,7 @@ def run_demo(
     out: str | Path = "runs/demo", steps: int | None = None, data_dir: str | None = None
 ) -> list[Path]:
     """Train the four runs (each resumes if already there) and write ``OUT/compare``."""
-    from moe_testbed.report import compare
+    from moe_testbed.report import compare, make_report
     from moe_testbed.train import train
 
     out = Path(out)
@@ -64,6 +64,7 @@ def run_demo(
     for name in RUNS:
         print(f"== demo run {name} ({steps} steps)", flush=True)
         train(demo_config(name, steps, data_dir), out / name)
+        make_report(out / name)
     paths = compare([out / name for name in RUNS], out / "compare")
     print(f"== demo finished in {time.perf_counter() - tic:.0f} s; report: {out / 'compare'}")
     md = out / "compare" / "compare.md"

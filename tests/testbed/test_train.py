@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -41,11 +42,19 @@ SMALL = [
 ]
 
 
+# Subprocesses import the same moe_kernels/moe_testbed as this test process (installed or
+# editable), and run from a neutral directory so the source tree (which has no compiled _C in a
+# plain `pip install .` checkout) does not shadow them.
+_CWD = tempfile.gettempdir()
+
+
 def _env() -> dict[str, str]:
+    import moe_kernels
+    import moe_testbed
+
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT), str(ROOT / "python"), env.get("PYTHONPATH", "")]
-    )
+    paths = {str(Path(m.__file__).resolve().parents[1]) for m in (moe_kernels, moe_testbed)}
+    env["PYTHONPATH"] = os.pathsep.join([*sorted(paths), env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"  # tiny matmuls: more threads only contend
     return env
 
@@ -103,11 +112,14 @@ def test_short_run_in_process(tmp_path):
 def test_resume_after_sigkill_reproduces_run(tmp_path, flags):
     args = [*flags, "--steps", "30", "--log-every", "2", "--eval-every", "10", "--ckpt-every", "5"]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    subprocess.run(_cli(*args, "--out", str(ref)), env=_env(), check=True, capture_output=True)
+    subprocess.run(
+        _cli(*args, "--out", str(ref)), env=_env(), cwd=_CWD, check=True, capture_output=True
+    )
 
     proc = subprocess.Popen(
         _cli(*args, "--out", str(killed)),
         env=_env(),
+        cwd=_CWD,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -119,7 +131,9 @@ def test_resume_after_sigkill_reproduces_run(tmp_path, flags):
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     done = [r["step"] for r in _records(killed)] if (killed / "metrics.jsonl").exists() else []
     assert not done or max(done) < 30
-    subprocess.run(_cli(*args, "--out", str(killed)), env=_env(), check=True, capture_output=True)
+    subprocess.run(
+        _cli(*args, "--out", str(killed)), env=_env(), cwd=_CWD, check=True, capture_output=True
+    )
 
     a, b = _records(ref), _records(killed)
     assert [r["step"] for r in a] == [r["step"] for r in b]
@@ -157,7 +171,7 @@ def test_two_process_gloo_ddp(tmp_path):
         "--out",
         str(out),
     ]
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, env=_env(), cwd=_CWD, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     records = _records(out)
     train_steps = [r for r in records if "loss" in r]
