@@ -8,7 +8,7 @@ Paths (all include the router: logits, softmax top-k, renormalised weights; SwiG
   scale, index_add_ (the torchtitan-style composition);
 - ``dense``: a dense SwiGLU FFN with the same active parameters (hidden = k * F), the ceiling.
 
-Run: ``python benchmarks/expert_path_cpu.py``. Prints ms and GFLOP/s (useful FLOPs: 6 T D k F
+Run: ``python -m benchmarks.expert_path_cpu``. Prints ms and GFLOP/s (useful FLOPs: 6 T D k F
 forward, 3x that forward+backward) and ratios.
 """
 

@@ -1,6 +1,6 @@
 """Each C++ CPU op against the plain-torch op chain a user would write for it.
 
-Run: ``python benchmarks/ops_cpu.py [--T 8192] [--E 64] [--K 8] [--D 1024]``. Prints a Markdown
+Run: ``python -m benchmarks.ops_cpu [--T 8192] [--E 64] [--K 8] [--D 1024]``. Prints a Markdown
 table: ms per call for the C++ kernel and the torch chain, GB/s of the C++ kernel (bytes it must
 read and write), and the speed-up.
 """

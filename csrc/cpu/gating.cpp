@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <numeric>
 #include <string>
 #include <vector>
 
@@ -13,50 +12,78 @@
 namespace moe::cpu {
 namespace {
 
+// Inserts expert e with selection value v into the descending top-k list (vals, idx) of
+// current length n <= K. Strict '>' keeps the lower index first among equal values.
+template <typename A>
+inline void topk_insert(A v, int32_t e, A* vals, int32_t* idx, int64_t& n, int64_t K) {
+  if (n == K && !(v > vals[K - 1])) return;
+  int64_t j = n < K ? n++ : K - 1;
+  while (j > 0 && v > vals[j - 1]) {
+    vals[j] = vals[j - 1];
+    idx[j] = idx[j - 1];
+    --j;
+  }
+  vals[j] = v;
+  idx[j] = e;
+}
+
 template <typename T>
 int64_t gating_impl(const T* logits, int64_t T_, int64_t E, int64_t K, int score,
                     const float* bias, bool normalize, typename Acc<T>::type* weights,
                     int32_t* experts) {
   using A = typename Acc<T>::type;
   int64_t first_bad = T_;
+  // Without a bias the scores are monotonic in the logits, so selection runs on the logits and
+  // only the selected scores are needed, except for the softmax denominator when the weights
+  // are not renormalised. Exact ties resolve the same way in every backend.
+  const bool full_scores = bias != nullptr || (score == 0 && !normalize);
 #pragma omp parallel
   {
-    std::vector<A> s(E), sel(E);
-    std::vector<int32_t> idx(E);
+    std::vector<A> z(E), s(full_scores ? E : 0), top(K);
+    std::vector<int32_t> idx(K);
 #pragma omp for schedule(static) reduction(min : first_bad)
     for (int64_t t = 0; t < T_; ++t) {
-      const T* z = logits + t * E;
       A zmax = -std::numeric_limits<A>::infinity();
       bool finite = true;
       for (int64_t e = 0; e < E; ++e) {
-        sel[e] = s[e] = load(z + e);
-        finite = finite && std::isfinite(s[e]);
-        zmax = std::max(zmax, s[e]);
+        z[e] = load(logits + t * E + e);
+        finite = finite && std::isfinite(z[e]);
+        zmax = std::max(zmax, z[e]);
       }
       if (!finite) {
         first_bad = std::min(first_bad, t);
         continue;
       }
-      if (score == 0) {
-        A sum = 0;
-        for (int64_t e = 0; e < E; ++e) sum += (s[e] = std::exp(s[e] - zmax));
-        for (int64_t e = 0; e < E; ++e) s[e] /= sum;
-      } else {
-        for (int64_t e = 0; e < E; ++e) s[e] = A(1) / (A(1) + std::exp(-s[e]));
-      }
-      // Without a bias, select on the logits themselves (the scores are monotonic in them), so
-      // exact ties resolve the same way in every backend.
-      for (int64_t e = 0; e < E; ++e) sel[e] = bias ? s[e] + A(bias[e]) : sel[e];
-      std::iota(idx.begin(), idx.end(), 0);
-      std::partial_sort(idx.begin(), idx.begin() + K, idx.end(), [&](int32_t a, int32_t b) {
-        return sel[a] > sel[b] || (sel[a] == sel[b] && a < b);
-      });
       A denom = 0;
-      if (normalize)
-        for (int64_t k = 0; k < K; ++k) denom += s[idx[k]];
+      if (full_scores) {
+        if (score == 0) {
+          A sum = 0;
+          for (int64_t e = 0; e < E; ++e) sum += (s[e] = std::exp(z[e] - zmax));
+          for (int64_t e = 0; e < E; ++e) s[e] /= sum;
+        } else {
+          for (int64_t e = 0; e < E; ++e) s[e] = A(1) / (A(1) + std::exp(-z[e]));
+        }
+      }
+      int64_t n = 0;
+      for (int64_t e = 0; e < E; ++e) {
+        const A v = bias ? s[e] + A(bias[e]) : z[e];
+        topk_insert(v, static_cast<int32_t>(e), top.data(), idx.data(), n, K);
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        const int32_t e = idx[k];
+        A w;
+        if (full_scores)
+          w = s[e];
+        else if (score == 0)
+          w = std::exp(z[e] - zmax);  // unnormalised; renormalised below
+        else
+          w = A(1) / (A(1) + std::exp(-z[e]));
+        top[k] = w;
+        denom += w;
+      }
       for (int64_t k = 0; k < K; ++k) {
         experts[t * K + k] = idx[k];
-        weights[t * K + k] = normalize ? s[idx[k]] / denom : s[idx[k]];
+        weights[t * K + k] = normalize ? top[k] / denom : top[k];
       }
     }
   }
