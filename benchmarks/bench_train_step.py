@@ -17,11 +17,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from moe_kernels import aux_losses, stats, update_routers
 from moe_testbed.config import MoESettings
 from moe_testbed.model import MoETransformer
 from moe_testbed.presets import get_preset
-
-from moe_kernels import aux_losses, stats, update_routers
 
 READ_EVERY = 10  # the trainer's default log interval
 

@@ -88,8 +88,10 @@ def path_dense(x, w13_dense, w2_dense):
 def run_shape(name, T, D, Fh, E, K, reps):
     p = params(T, D, Fh, E)
     g = torch.Generator().manual_seed(1)
-    dense = [(torch.randn(D, 2 * K * Fh, generator=g) * D**-0.5).requires_grad_(True),
-             (torch.randn(K * Fh, D, generator=g) * (K * Fh) ** -0.5).requires_grad_(True)]
+    dense = [
+        (torch.randn(D, 2 * K * Fh, generator=g) * D**-0.5).requires_grad_(True),
+        (torch.randn(K * Fh, D, generator=g) * (K * Fh) ** -0.5).requires_grad_(True),
+    ]
     ref = path_naive(*p, K)
     for fn in (path_moe_kernels, path_grouped):
         torch.testing.assert_close(fn(*p, K), ref, atol=2e-3, rtol=2e-3)
@@ -112,15 +114,30 @@ def run_shape(name, T, D, Fh, E, K, reps):
         f = flops * (1 if mode == "fwd" else 3)
         gf = {k: f / v / 1e6 for k, v in res.items()}
         best_user = min(res["naive loop"], res["sort+_grouped_mm"])
-        rows.append([name, f"T={T} D={D} F={Fh} E={E} k={K}", mode,
-                     res["moe_kernels"], res["naive loop"], res["sort+_grouped_mm"], res["dense (same active)"],
-                     gf["moe_kernels"], best_user / res["moe_kernels"], gf["moe_kernels"] / gf["dense (same active)"]])
+        rows.append(
+            [
+                name,
+                f"T={T} D={D} F={Fh} E={E} k={K}",
+                mode,
+                res["moe_kernels"],
+                res["naive loop"],
+                res["sort+_grouped_mm"],
+                res["dense (same active)"],
+                gf["moe_kernels"],
+                best_user / res["moe_kernels"],
+                gf["moe_kernels"] / gf["dense (same active)"],
+            ]
+        )
     return rows
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", nargs="*", default=[s[0] for s in SHAPES], help="named shapes to run")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--shapes", nargs="*", default=[s[0] for s in SHAPES], help="named shapes to run"
+    )
     p.add_argument("--reps", type=int, default=5)
     args = p.parse_args()
     rows = []
@@ -132,8 +149,18 @@ def main() -> None:
     print(markdown_table(HEADER, rows))
 
 
-HEADER = ["shape", "dims", "pass", "moe_kernels ms", "naive ms", "sort+_grouped_mm ms", "dense ms",
-          "moe_kernels GFLOP/s", "vs best user path", "vs dense GFLOP/s"]
+HEADER = [
+    "shape",
+    "dims",
+    "pass",
+    "moe_kernels ms",
+    "naive ms",
+    "sort+_grouped_mm ms",
+    "dense ms",
+    "moe_kernels GFLOP/s",
+    "vs best user path",
+    "vs dense GFLOP/s",
+]
 
 if __name__ == "__main__":
     main()

@@ -38,7 +38,11 @@ def torch_combine(y, w, plan, T):
     n = plan.num_rows
     tok = plan.row_token_N.long()
     wr = w.reshape(-1)[plan.row_slot_N.long()].unsqueeze(-1)
-    return torch.zeros(T, y.shape[1], dtype=y.dtype).index_add_(0, tok[:n], (y * wr).to(y.dtype)) if K else y
+    return (
+        torch.zeros(T, y.shape[1], dtype=y.dtype).index_add_(0, tok[:n], (y * wr).to(y.dtype))
+        if K
+        else y
+    )
 
 
 def run(T: int, E: int, K: int, D: int, G: int, dtype: torch.dtype) -> list[list]:
@@ -54,21 +58,62 @@ def run(T: int, E: int, K: int, D: int, G: int, dtype: torch.dtype) -> list[list
     el = x.element_size()
     cases = [
         # name, C++ op, torch chain, bytes moved by the C++ op
-        ("topk_gating", lambda: mk.topk_gating(logits, K, backend="cpu"), lambda: torch_gating(logits, K), T * E * 4 + T * K * 8),
-        ("route", lambda: mk.route(e, E, backend="cpu"), lambda: torch_route(e.long(), E), T * K * 4 * 4),
-        ("dispatch", lambda: mk.dispatch(x, plan, backend="cpu"), lambda: x[plan.row_token_N.long()], 2 * T * K * D * el),
-        ("combine", lambda: mk.combine(y, w, plan, backend="cpu"), lambda: torch_combine(y, w, plan, T), (T * K + T) * D * el),
-        ("routing_histogram", lambda: mk.routing_histogram(e, labels, counts, w, wsum, backend="cpu"),
-         lambda: (counts.view(-1).add_(torch.bincount((labels[:, None] * E + e).reshape(-1), minlength=G * E)),
-                  wsum.view(-1).add_(torch.bincount((labels[:, None] * E + e).reshape(-1), weights=w.reshape(-1), minlength=G * E).float())),
-         T * K * 12 + T * 8),
+        (
+            "topk_gating",
+            lambda: mk.topk_gating(logits, K, backend="cpu"),
+            lambda: torch_gating(logits, K),
+            T * E * 4 + T * K * 8,
+        ),
+        (
+            "route",
+            lambda: mk.route(e, E, backend="cpu"),
+            lambda: torch_route(e.long(), E),
+            T * K * 4 * 4,
+        ),
+        (
+            "dispatch",
+            lambda: mk.dispatch(x, plan, backend="cpu"),
+            lambda: x[plan.row_token_N.long()],
+            2 * T * K * D * el,
+        ),
+        (
+            "combine",
+            lambda: mk.combine(y, w, plan, backend="cpu"),
+            lambda: torch_combine(y, w, plan, T),
+            (T * K + T) * D * el,
+        ),
+        (
+            "routing_histogram",
+            lambda: mk.routing_histogram(e, labels, counts, w, wsum, backend="cpu"),
+            lambda: (
+                counts.view(-1).add_(
+                    torch.bincount((labels[:, None] * E + e).reshape(-1), minlength=G * E)
+                ),
+                wsum.view(-1).add_(
+                    torch.bincount(
+                        (labels[:, None] * E + e).reshape(-1),
+                        weights=w.reshape(-1),
+                        minlength=G * E,
+                    ).float()
+                ),
+            ),
+            T * K * 12 + T * 8,
+        ),
     ]
     rows = []
     for name, ours, chain, nbytes in cases:
         t_ours = bench(ours, reps=15)
         t_chain = bench(chain, reps=15)
-        rows.append([name, f"T={T} E={E} K={K} D={D} {str(dtype)[6:]}", t_ours, t_chain,
-                     nbytes / t_ours / 1e6, t_chain / t_ours])
+        rows.append(
+            [
+                name,
+                f"T={T} E={E} K={K} D={D} {str(dtype)[6:]}",
+                t_ours,
+                t_chain,
+                nbytes / t_ours / 1e6,
+                t_chain / t_ours,
+            ]
+        )
     return rows
 
 
@@ -83,11 +128,15 @@ def check_correctness():
     assert torch.equal(mk.dispatch(x, plan), dispatch_reference(x, plan.row_slot_N, 2))
     y = torch.randn(plan.num_rows, 16)
     torch.testing.assert_close(mk.combine(y, w, plan), combine_reference(y, plan.slot_row_TK, w))
-    torch.testing.assert_close(torch_combine(y, w, plan, 64), combine_reference(y, plan.slot_row_TK, w))
+    torch.testing.assert_close(
+        torch_combine(y, w, plan, 64), combine_reference(y, plan.slot_row_TK, w)
+    )
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--T", type=int, nargs="+", default=[1024, 8192])
     p.add_argument("--E", type=int, default=64)
     p.add_argument("--K", type=int, default=8)

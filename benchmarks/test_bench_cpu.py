@@ -30,15 +30,26 @@ def inputs():
 
 
 OPS = {
-    "topk_gating": (lambda i: mk.topk_gating(i["logits"], K, backend="cpu"),
-                    lambda i: torch_gating(i["logits"], K)),
-    "route": (lambda i: mk.route(i["e"], E, backend="cpu"), lambda i: torch_route(i["e"].long(), E)),
-    "dispatch": (lambda i: mk.dispatch(i["x"], i["plan"], backend="cpu"),
-                 lambda i: i["x"][i["plan"].row_token_N.long()]),
-    "combine": (lambda i: mk.combine(i["y"], i["w"], i["plan"], backend="cpu"),
-                lambda i: torch_combine(i["y"], i["w"], i["plan"], T)),
+    "topk_gating": (
+        lambda i: mk.topk_gating(i["logits"], K, backend="cpu"),
+        lambda i: torch_gating(i["logits"], K),
+    ),
+    "route": (
+        lambda i: mk.route(i["e"], E, backend="cpu"),
+        lambda i: torch_route(i["e"].long(), E),
+    ),
+    "dispatch": (
+        lambda i: mk.dispatch(i["x"], i["plan"], backend="cpu"),
+        lambda i: i["x"][i["plan"].row_token_N.long()],
+    ),
+    "combine": (
+        lambda i: mk.combine(i["y"], i["w"], i["plan"], backend="cpu"),
+        lambda i: torch_combine(i["y"], i["w"], i["plan"], T),
+    ),
     "routing_histogram": (
-        lambda i: mk.routing_histogram(i["e"], i["labels"], torch.zeros(G, E, dtype=torch.long), backend="cpu"),
+        lambda i: mk.routing_histogram(
+            i["e"], i["labels"], torch.zeros(G, E, dtype=torch.long), backend="cpu"
+        ),
         lambda i: torch.bincount((i["labels"][:, None] * E + i["e"]).reshape(-1), minlength=G * E),
     ),
 }
@@ -65,7 +76,10 @@ def test_expert_path(benchmark, case, impl, mode):
     _, t, d, f, e, k = next(s for s in ep.SHAPES if s[0] == case)
     p = ep.params(t, d, f, e)
     if impl == "dense":
-        dense = [torch.randn(d, 2 * k * f).requires_grad_(True), torch.randn(k * f, d).requires_grad_(True)]
+        dense = [
+            torch.randn(d, 2 * k * f).requires_grad_(True),
+            torch.randn(k * f, d).requires_grad_(True),
+        ]
         fn = lambda: ep.path_dense(p[0], *dense)
     else:
         fn = lambda: PATHS[impl](*p, k)

@@ -7,6 +7,8 @@ plain-torch reference and an ordered list of backends (cuda, triton, cpu, refere
 
 from __future__ import annotations
 
+from moe_kernels import stats
+from moe_kernels.layer import MoE, MoEConfig, aux_losses, share_router, update_routers
 from moe_kernels.ops import (
     NoBackendError,
     RoutingPlan,
@@ -17,9 +19,6 @@ from moe_kernels.ops import (
     routing_histogram,
     topk_gating,
 )
-
-from moe_kernels import stats
-from moe_kernels.layer import MoE, MoEConfig, aux_losses, share_router, update_routers
 
 __version__ = "0.1.0"
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import tempfile
 
 import pytest
@@ -189,10 +188,11 @@ def _dp_layer(scope):
     return MoE(D_DP, 8, E_DP, K_DP, scope=scope, aux_coef=1.0, z_coef=0.0)
 
 
-def _dp_worker(rank, port, out_path):
+def _dp_worker(rank, store_path, out_path):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # A file store: no TCP port to race for with other processes on the machine.
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
     try:
         m = _dp_layer("global_batch")
         ddp = torch.nn.parallel.DistributedDataParallel(m)  # averages gradients over ranks
@@ -214,16 +214,11 @@ def _dp_worker(rank, port, out_path):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_global_scope_two_processes_matches_single_process():
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "res")
-        mp.spawn(_dp_worker, args=(_free_port(), out), nprocs=2, join=True)
+        store = os.path.join(tmp, "store")
+        mp.spawn(_dp_worker, args=(store, out), nprocs=2, join=True)
         res = [torch.load(f"{out}.{r}") for r in range(2)]
     data = _dp_data()
     # micro-batch 1: the single-process micro-batch loss on the concatenated batch (both ranks)

@@ -137,7 +137,9 @@ def check_tensor(name: str, t: Any, *, ndim: int | None = None, dtypes=None, dev
     if dtypes is not None and t.dtype not in dtypes:
         raise TypeError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
     if device is not None and t.device != device:
-        raise ValueError(f"{name}: expected a tensor on {device} (like the first input), got {t.device}")
+        raise ValueError(
+            f"{name}: expected a tensor on {device} (like the first input), got {t.device}"
+        )
 
 
 def check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:

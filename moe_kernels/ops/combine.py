@@ -59,15 +59,34 @@ class CpuCombine(B.Backend):
         T, K = slot_row.shape
         out = torch.empty(T, D, dtype=y.dtype)
         wcode = B.DTYPE_CODES[weights.dtype] if weights is not None else 0
-        B._C.combine_cpu(B.ptr(y), B.DTYPE_CODES[y.dtype], N, D, B.ptr(slot_row), T, K,
-                         B.ptr(weights), wcode, B.ptr(out))
+        B._C.combine_cpu(
+            B.ptr(y),
+            B.DTYPE_CODES[y.dtype],
+            N,
+            D,
+            B.ptr(slot_row),
+            T,
+            K,
+            B.ptr(weights),
+            wcode,
+            B.ptr(out),
+        )
         return out
 
     def weight_grad(self, a, b, slot_row, wdtype):
         T, K = slot_row.shape
         out = torch.empty(T, K, dtype=wdtype)
-        B._C.weight_grad_cpu(B.ptr(a), B.ptr(b), B.DTYPE_CODES[a.dtype], T, a.shape[1], K,
-                             B.ptr(slot_row), B.ptr(out), B.DTYPE_CODES[wdtype])
+        B._C.weight_grad_cpu(
+            B.ptr(a),
+            B.ptr(b),
+            B.DTYPE_CODES[a.dtype],
+            T,
+            a.shape[1],
+            K,
+            B.ptr(slot_row),
+            B.ptr(out),
+            B.DTYPE_CODES[wdtype],
+        )
         return out
 
 
@@ -81,8 +100,11 @@ BACKENDS: list[B.Backend] = [
 
 @torch.library.custom_op("moe_kernels::combine", mutates_args=())
 def _combine_op(
-    y: torch.Tensor, row_slot: torch.Tensor, slot_row: torch.Tensor,
-    weights: torch.Tensor | None, backend: str,
+    y: torch.Tensor,
+    row_slot: torch.Tensor,
+    slot_row: torch.Tensor,
+    weights: torch.Tensor | None,
+    backend: str,
 ) -> torch.Tensor:
     return B.by_name(BACKENDS, backend).forward(y, slot_row, weights)
 
@@ -153,6 +175,8 @@ def combine(
     B.check_contiguous("y_ND", y_ND)
     check_plan(plan, y_ND)
     if y_ND.shape[0] != plan.num_rows:
-        raise ValueError(f"y_ND: expected {plan.num_rows} rows (plan.num_rows), got {y_ND.shape[0]}")
+        raise ValueError(
+            f"y_ND: expected {plan.num_rows} rows (plan.num_rows), got {y_ND.shape[0]}"
+        )
     weights_TK = check_weights(weights_TK, plan, y_ND)
     return combine_tensors(y_ND, plan.row_slot_N, plan.slot_row_TK, weights_TK, backend)

@@ -21,7 +21,9 @@ def dispatch_reference(x_TD, row_slot_N, K, weights_TK=None):
     if weights_TK is not None:
         acc = B.weight_dtype_for(x_TD.dtype)
         out = (out.to(acc) * weights_TK.reshape(-1)[slot].unsqueeze(-1).to(acc)).to(x_TD.dtype)
-    return torch.where(valid.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return torch.where(
+        valid.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device)
+    )
 
 
 class ReferenceDispatch(B.Backend):
@@ -42,8 +44,18 @@ class CpuDispatch(B.Backend):
         N = row_slot.shape[0]
         out = torch.empty(N, D, dtype=x.dtype)
         wcode = B.DTYPE_CODES[weights.dtype] if weights is not None else 0
-        B._C.dispatch_cpu(B.ptr(x), B.DTYPE_CODES[x.dtype], T, D, K, B.ptr(row_slot), N,
-                          B.ptr(weights), wcode, B.ptr(out))
+        B._C.dispatch_cpu(
+            B.ptr(x),
+            B.DTYPE_CODES[x.dtype],
+            T,
+            D,
+            K,
+            B.ptr(row_slot),
+            N,
+            B.ptr(weights),
+            wcode,
+            B.ptr(out),
+        )
         return out
 
 
@@ -57,8 +69,11 @@ BACKENDS: list[B.Backend] = [
 
 @torch.library.custom_op("moe_kernels::dispatch", mutates_args=())
 def _dispatch_op(
-    x: torch.Tensor, row_slot: torch.Tensor, slot_row: torch.Tensor,
-    weights: torch.Tensor | None, backend: str,
+    x: torch.Tensor,
+    row_slot: torch.Tensor,
+    slot_row: torch.Tensor,
+    weights: torch.Tensor | None,
+    backend: str,
 ) -> torch.Tensor:
     return B.by_name(BACKENDS, backend).forward(x, row_slot, slot_row.shape[1], weights)
 
@@ -116,9 +131,13 @@ def dispatch(
 
 def check_plan(plan, like: torch.Tensor) -> None:
     if not isinstance(plan, RoutingPlan):
-        raise TypeError(f"plan: expected a RoutingPlan from moe_kernels.route, got {type(plan).__name__}")
+        raise TypeError(
+            f"plan: expected a RoutingPlan from moe_kernels.route, got {type(plan).__name__}"
+        )
     if plan.slot_row_TK.device != like.device:
-        raise ValueError(f"plan: expected plan tensors on {like.device}, got {plan.slot_row_TK.device}")
+        raise ValueError(
+            f"plan: expected plan tensors on {like.device}, got {plan.slot_row_TK.device}"
+        )
 
 
 def check_weights(weights_TK, plan, like):

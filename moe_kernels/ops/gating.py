@@ -69,8 +69,16 @@ class CpuGating(B.Backend):
         w = torch.empty(T, k, dtype=B.weight_dtype_for(logits.dtype))
         experts = torch.empty(T, k, dtype=torch.int32)
         B._C.topk_gating_cpu(
-            B.ptr(logits), B.DTYPE_CODES[logits.dtype], T, E, k, SCORES.index(score),
-            B.ptr(bias), normalize, B.ptr(w), B.ptr(experts),
+            B.ptr(logits),
+            B.DTYPE_CODES[logits.dtype],
+            T,
+            E,
+            k,
+            SCORES.index(score),
+            B.ptr(bias),
+            normalize,
+            B.ptr(w),
+            B.ptr(experts),
         )
         return w, experts
 
@@ -85,7 +93,11 @@ BACKENDS: list[B.Backend] = [
 
 @torch.library.custom_op("moe_kernels::topk_gating", mutates_args=())
 def _topk_gating_op(
-    logits: torch.Tensor, k: int, score: str, bias: torch.Tensor | None, normalize: bool,
+    logits: torch.Tensor,
+    k: int,
+    score: str,
+    bias: torch.Tensor | None,
+    normalize: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return B.by_name(BACKENDS, backend).forward(logits, k, score, bias, normalize)

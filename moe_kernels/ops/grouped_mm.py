@@ -97,7 +97,9 @@ BACKENDS: list[B.Backend] = [
 
 
 @torch.library.custom_op("moe_kernels::grouped_mm", mutates_args=())
-def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str) -> torch.Tensor:
+def _grouped_mm_op(
+    x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str
+) -> torch.Tensor:
     return B.by_name(BACKENDS, backend).forward(x, w, offsets)
 
 
@@ -107,7 +109,9 @@ def _(x, w, offsets, backend):
 
 
 @torch.library.custom_op("moe_kernels::grouped_mm_dw", mutates_args=())
-def _grouped_mm_dw_op(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, backend: str) -> torch.Tensor:
+def _grouped_mm_dw_op(
+    x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, backend: str
+) -> torch.Tensor:
     return B.by_name(BACKENDS, backend).dw(x, dy, offsets)
 
 
@@ -154,10 +158,13 @@ def grouped_mm(
     """
     B.check_tensor("x_ND", x_ND, ndim=2, dtypes=B.FLOAT_DTYPES)
     B.check_tensor("w_EDF", w_EDF, ndim=3, dtypes=(x_ND.dtype,), device=x_ND.device)
-    B.check_tensor("offsets_E1", offsets_E1, ndim=1, dtypes=(torch.int32, torch.int64), device=x_ND.device)
+    B.check_tensor(
+        "offsets_E1", offsets_E1, ndim=1, dtypes=(torch.int32, torch.int64), device=x_ND.device
+    )
     if w_EDF.shape[1] != x_ND.shape[1]:
         raise ValueError(
-            f"w_EDF: expected shape (E, {x_ND.shape[1]}, F) to match x_ND's D, got {tuple(w_EDF.shape)}"
+            f"w_EDF: expected shape (E, {x_ND.shape[1]}, F) to match x_ND's D, "
+            f"got {tuple(w_EDF.shape)}"
         )
     B.check_shape("offsets_E1", offsets_E1, (w_EDF.shape[0] + 1,))
     chosen = B.select("grouped_mm", BACKENDS, backend, x=x_ND, w=w_EDF)

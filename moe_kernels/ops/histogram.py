@@ -22,11 +22,14 @@ def routing_histogram_reference(experts_TK, labels_T, out_GE, weights_TK=None, o
         if bool((lab >= G).any()):
             t = int((lab >= G).nonzero()[0, 0]) // K
             raise ValueError(
-                f"labels_T: expected labels < {G} (rows of out_GE), found {int(labels_T[t])} at token {t}"
+                f"labels_T: expected labels < {G} (rows of out_GE), "
+                f"found {int(labels_T[t])} at token {t}"
             )
         if bool((ex >= E).any()):
             t = int((ex >= E).nonzero()[0, 0]) // K
-            raise ValueError(f"experts_TK: expected expert ids < {E} (columns of out_GE) at token {t}")
+            raise ValueError(
+                f"experts_TK: expected expert ids < {E} (columns of out_GE) at token {t}"
+            )
     valid = (lab >= 0) & (ex >= 0)
     idx = (lab * E + ex)[valid]
     out_GE.view(-1).index_add_(0, idx, torch.ones_like(idx))
@@ -50,8 +53,9 @@ class CpuHistogram(B.Backend):
     def forward(self, experts, labels, out, weights, out_w):
         T, K = experts.shape
         G, E = out.shape
-        B._C.routing_histogram_cpu(B.ptr(experts), B.ptr(labels), B.ptr(weights), T, K, G, E,
-                                   B.ptr(out), B.ptr(out_w))
+        B._C.routing_histogram_cpu(
+            B.ptr(experts), B.ptr(labels), B.ptr(weights), T, K, G, E, B.ptr(out), B.ptr(out_w)
+        )
 
 
 class CudaHistogram(B.Backend):
@@ -64,8 +68,18 @@ class CudaHistogram(B.Backend):
         T, K = experts.shape
         G, E = out.shape
         stream = torch.cuda.current_stream(experts.device).cuda_stream
-        B._C.routing_histogram_cuda(B.ptr(experts), B.ptr(labels), B.ptr(weights), T, K, G, E,
-                                    B.ptr(out), B.ptr(out_w), stream)
+        B._C.routing_histogram_cuda(
+            B.ptr(experts),
+            B.ptr(labels),
+            B.ptr(weights),
+            T,
+            K,
+            G,
+            E,
+            B.ptr(out),
+            B.ptr(out_w),
+            stream,
+        )
 
 
 BACKENDS: list[B.Backend] = [
@@ -78,8 +92,12 @@ BACKENDS: list[B.Backend] = [
 
 @torch.library.custom_op("moe_kernels::routing_histogram", mutates_args=("out", "out_w"))
 def _histogram_op(
-    experts: torch.Tensor, labels: torch.Tensor, out: torch.Tensor,
-    weights: torch.Tensor | None, out_w: torch.Tensor | None, backend: str,
+    experts: torch.Tensor,
+    labels: torch.Tensor,
+    out: torch.Tensor,
+    weights: torch.Tensor | None,
+    out_w: torch.Tensor | None,
+    backend: str,
 ) -> None:
     B.by_name(BACKENDS, backend).forward(experts, labels, out, weights, out_w)
 

@@ -116,12 +116,28 @@ class CpuRoute(B.Backend):
         T, K = experts.shape
         N = num_rows(T, K, E, None if capacity < 0 else capacity)
         i32 = dict(dtype=torch.int32)
-        counts, kept, offsets = torch.empty(E, **i32), torch.empty(E, **i32), torch.empty(E + 1, **i32)
+        counts, kept, offsets = (
+            torch.empty(E, **i32),
+            torch.empty(E, **i32),
+            torch.empty(E + 1, **i32),
+        )
         row_slot, slot_row = torch.empty(N, **i32), torch.empty(T, K, **i32)
         wcode = B.DTYPE_CODES[weights.dtype] if weights is not None else 0
         B._C.route_cpu(
-            B.ptr(experts), T, K, E, capacity, DROPS.index(drop), B.ptr(weights), wcode, N,
-            B.ptr(counts), B.ptr(kept), B.ptr(offsets), B.ptr(row_slot), B.ptr(slot_row),
+            B.ptr(experts),
+            T,
+            K,
+            E,
+            capacity,
+            DROPS.index(drop),
+            B.ptr(weights),
+            wcode,
+            N,
+            B.ptr(counts),
+            B.ptr(kept),
+            B.ptr(offsets),
+            B.ptr(row_slot),
+            B.ptr(slot_row),
         )
         return counts, kept, offsets, row_slot, slot_row
 
@@ -136,8 +152,12 @@ BACKENDS: list[B.Backend] = [
 
 @torch.library.custom_op("moe_kernels::route", mutates_args=())
 def _route_op(
-    experts: torch.Tensor, num_experts: int, capacity: int, weights: torch.Tensor | None,
-    drop: str, backend: str,
+    experts: torch.Tensor,
+    num_experts: int,
+    capacity: int,
+    weights: torch.Tensor | None,
+    drop: str,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return B.by_name(BACKENDS, backend).forward(experts, num_experts, capacity, weights, drop)
 
@@ -184,7 +204,9 @@ def route(
     if drop not in DROPS:
         raise ValueError(f"drop: expected one of {DROPS}, got {drop!r}")
     if weights_TK is not None:
-        B.check_tensor("weights_TK", weights_TK, ndim=2, dtypes=B.FLOAT_DTYPES, device=experts_TK.device)
+        B.check_tensor(
+            "weights_TK", weights_TK, ndim=2, dtypes=B.FLOAT_DTYPES, device=experts_TK.device
+        )
         B.check_shape("weights_TK", weights_TK, tuple(experts_TK.shape))
         weights_TK = weights_TK.detach()
         if weights_TK.dtype != torch.float64:

@@ -105,6 +105,10 @@ def test_property_cpu_equals_reference(T, D, E, data, cf, skew, seed, bf16):
     ref = combine_reference(y, plan.slot_row_TK, w)
     tol = 2e-2 if bf16 else 1e-5
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
-    dw = torch.ops.moe_kernels.weight_grad(y.new_ones(T, D), y, plan.slot_row_TK, torch.float32, "cpu")
-    dw_ref = torch.ops.moe_kernels.weight_grad(y.new_ones(T, D), y, plan.slot_row_TK, torch.float32, "reference")
+    dw = torch.ops.moe_kernels.weight_grad(
+        y.new_ones(T, D), y, plan.slot_row_TK, torch.float32, "cpu"
+    )
+    dw_ref = torch.ops.moe_kernels.weight_grad(
+        y.new_ones(T, D), y, plan.slot_row_TK, torch.float32, "reference"
+    )
     torch.testing.assert_close(dw, dw_ref, atol=1e-4, rtol=1e-4)

@@ -106,6 +106,8 @@ def test_property_cpu_equals_reference(T, D, E, data, cf, skew, seed, bf16):
     w = torch.rand(T, K, generator=g)
     cap = None if cf is None else math.ceil(cf * T * K / E)
     plan = mk.route(random_experts(T, K, E, seed=seed, skew=skew), E, capacity=cap)
-    assert torch.equal(mk.dispatch(x, plan, backend="cpu"), dispatch_reference(x, plan.row_slot_N, K))
+    assert torch.equal(
+        mk.dispatch(x, plan, backend="cpu"), dispatch_reference(x, plan.row_slot_N, K)
+    )
     out = mk.dispatch(x, plan, weights_TK=w, backend="cpu")
     torch.testing.assert_close(out, dispatch_reference(x, plan.row_slot_N, K, w))

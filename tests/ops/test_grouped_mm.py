@@ -37,7 +37,7 @@ def test_matches_reference(backend, dtype, sizes, D, F, pad):
     err_allowed = 2 * (tol_ref.double() - ref).abs().max().item() + 1e-6
     print(f"{dtype}: max err {(y.double() - ref).abs().max().item():.3e} allowed {err_allowed:.3e}")
     assert (y.double() - ref).abs().max().item() <= err_allowed + 1e-4 * ref.abs().max().item()
-    assert torch.all(y[sum(sizes):] == 0)  # padding rows are zero
+    assert torch.all(y[sum(sizes) :] == 0)  # padding rows are zero
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -96,7 +96,8 @@ def test_opcheck():
     for backend in CPU_BACKENDS:
         torch.library.opcheck(torch.ops.moe_kernels.grouped_mm.default, (x, w, offs, backend))
         torch.library.opcheck(
-            torch.ops.moe_kernels.grouped_mm_dw.default, (x.detach(), torch.randn(10, 8), offs, backend)
+            torch.ops.moe_kernels.grouped_mm_dw.default,
+            (x.detach(), torch.randn(10, 8), offs, backend),
         )
 
 

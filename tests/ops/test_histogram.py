@@ -17,7 +17,9 @@ def run(backend, experts, labels, G, E, weights=None):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("T,K,G,E", [(100, 2, 3, 8), (1, 1, 1, 1), (9000, 8, 19, 64), (50, 5, 4, 5)])
+@pytest.mark.parametrize(
+    "T,K,G,E", [(100, 2, 3, 8), (1, 1, 1, 1), (9000, 8, 19, 64), (50, 5, 4, 5)]
+)
 def test_matches_reference(backend, T, K, G, E):
     g = torch.Generator().manual_seed(T)
     experts = random_experts(T, K, E, seed=T, skew=1.2)
@@ -63,11 +65,20 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="out_GE: expected dtype"):
         mk.routing_histogram(e, torch.zeros(4, dtype=torch.long), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="labels_T: expected shape"):
-        mk.routing_histogram(e, torch.zeros(3, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long))
+        mk.routing_histogram(
+            e, torch.zeros(3, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long)
+        )
     with pytest.raises(ValueError, match="weights_TK, out_w_GE: expected both or neither"):
-        mk.routing_histogram(e, torch.zeros(4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long), torch.rand(4, 2))
+        mk.routing_histogram(
+            e,
+            torch.zeros(4, dtype=torch.long),
+            torch.zeros(2, 4, dtype=torch.long),
+            torch.rand(4, 2),
+        )
     with pytest.raises(ValueError, match="out_GE: expected a contiguous"):
-        mk.routing_histogram(e, torch.zeros(4, dtype=torch.long), torch.zeros(4, 2, dtype=torch.long).t())
+        mk.routing_histogram(
+            e, torch.zeros(4, dtype=torch.long), torch.zeros(4, 2, dtype=torch.long).t()
+        )
 
 
 def test_empty_tokens():
@@ -82,7 +93,14 @@ def test_opcheck():
     for backend in CPU_BACKENDS:
         torch.library.opcheck(
             torch.ops.moe_kernels.routing_histogram.default,
-            (e, labels, torch.zeros(3, 4, dtype=torch.int64), torch.rand(32, 2), torch.zeros(3, 4), backend),
+            (
+                e,
+                labels,
+                torch.zeros(3, 4, dtype=torch.int64),
+                torch.rand(32, 2),
+                torch.zeros(3, 4),
+                backend,
+            ),
         )
 
 

@@ -16,7 +16,9 @@ def check_invariants(plan, experts, E, capacity):
     T, K = experts.shape
     counts, kept, offsets = plan.counts_E.long(), plan.kept_E.long(), plan.offsets_E1.long()
     assert torch.equal(counts, torch.bincount(experts.reshape(-1).long(), minlength=E))
-    assert offsets[0] == 0 and torch.equal(offsets[1:], torch.cumsum(kept, 0))  # offsets = cumsum(kept)
+    assert offsets[0] == 0 and torch.equal(
+        offsets[1:], torch.cumsum(kept, 0)
+    )  # offsets = cumsum(kept)
     if capacity is None:
         assert torch.equal(kept, counts)
     else:
@@ -101,7 +103,9 @@ def test_capacity_rows_allocation():
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_out_of_range_ids(backend):
     experts = torch.tensor([[0, 1], [2, 9]], dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"experts_TK: expected expert ids in \[0, 4\), found 9 at token 1, slot 1"):
+    with pytest.raises(
+        ValueError, match=r"experts_TK: expected expert ids in \[0, 4\), found 9 at token 1, slot 1"
+    ):
         mk.route(experts, 4, backend=backend)
     with pytest.raises(ValueError, match="found -1"):
         mk.route(torch.tensor([[-1]], dtype=torch.int32), 4, backend=backend)
@@ -130,7 +134,9 @@ def test_opcheck():
     w = torch.rand(24, 2)
     for backend in CPU_BACKENDS:
         for cap, drop in [(-1, "position"), (5, "position"), (5, "score")]:
-            torch.library.opcheck(torch.ops.moe_kernels.route.default, (e, 6, cap, w, drop, backend))
+            torch.library.opcheck(
+                torch.ops.moe_kernels.route.default, (e, 6, cap, w, drop, backend)
+            )
 
 
 @settings(max_examples=200, deadline=None)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import yaml
+
 from moe_testbed import cli
 from moe_testbed.config import SECTIONS, RunConfig, load_file, resolve, save
 

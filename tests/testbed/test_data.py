@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+
 from moe_testbed.data import (
     SAMPLE_DOMAINS,
     BatchLoader,

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+
 from moe_testbed.data import load_corpus, prepare_corpus
 from moe_testbed.data.cli import main
 

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+
 from moe_testbed import metrics as m
 
 # Two domains, four experts, each expert used by one domain only.

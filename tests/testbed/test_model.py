@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from moe_testbed.config import ModelConfig, MoESettings
 from moe_testbed.model import MoETransformer, route_experts
 from moe_testbed.presets import PRESETS, get_preset, param_counts

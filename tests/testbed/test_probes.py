@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+
 from moe_testbed import metrics, probes
 
 E = 4

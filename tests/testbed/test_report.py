@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from moe_testbed import report
 from moe_testbed.rundir import RunDir, atomic_write_bytes, atomic_write_json, truncate_metrics
 

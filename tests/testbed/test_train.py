@@ -6,14 +6,15 @@ import json
 import os
 import signal
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
 from moe_testbed.config import RunConfig
 from moe_testbed.train import lr_at, train
 
