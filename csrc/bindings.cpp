@@ -6,9 +6,7 @@
 #include <cstdint>
 
 #include "cpu/ops.h"
-#ifdef MOE_WITH_CUDA
-#include "cuda/ops.h"
-#endif
+#include "registry.h"
 
 namespace py = pybind11;
 using ptr = std::uintptr_t;
@@ -29,16 +27,13 @@ static py::dict build_info() {
   d["cuda_archs"] = "";
   d["cuda_compiler"] = "";
 #endif
+#ifdef MOE_WITH_CUTLASS
+  d["cutlass"] = true;
+#else
   d["cutlass"] = false;
+#endif
   return d;
 }
-
-#ifdef MOE_WITH_CUDA
-static void check_cuda(int code, const char* what) {
-  if (code != 0)
-    throw std::runtime_error(std::string(what) + ": " + moe::cuda::error_string(code));
-}
-#endif
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "moe_kernels compiled core (torch-free CPU and CUDA kernels)";
@@ -83,13 +78,6 @@ PYBIND11_MODULE(_C, m) {
                                 P<const float>(weights), T, K, G, E, P<int64_t>(counts),
                                 P<float>(wsum));
   });
-#ifdef MOE_WITH_CUDA
-  m.def("routing_histogram_cuda", [](ptr experts, ptr labels, ptr weights, int64_t T, int64_t K,
-                                     int64_t G, int64_t E, ptr counts, ptr wsum, intptr_t stream) {
-    check_cuda(moe::cuda::routing_histogram(P<const int32_t>(experts), P<const int64_t>(labels),
-                                            P<const float>(weights), T, K, G, E,
-                                            P<int64_t>(counts), P<float>(wsum), stream),
-               "routing_histogram_cuda");
-  });
-#endif
+  // CUDA ops (csrc/cuda/*_bind.cpp, compiled when CUDA is on) register themselves.
+  for (auto fn : moe::binders()) fn(m);
 }

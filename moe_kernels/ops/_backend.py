@@ -88,7 +88,8 @@ def cpu_reasons(*tensors: torch.Tensor, dtypes=(torch.float32, torch.bfloat16, t
     return reasons
 
 
-def cuda_reasons(*tensors: torch.Tensor) -> list[str]:
+def cuda_reasons(*tensors: torch.Tensor, dtypes=None) -> list[str]:
+    """Reasons common to the CUDA kernels: built with CUDA, CUDA tensors, supported dtypes."""
     reasons = []
     if _C is None:
         reasons.append(_C_IMPORT_ERROR)
@@ -98,7 +99,17 @@ def cuda_reasons(*tensors: torch.Tensor) -> list[str]:
         if t is not None and t.device.type != "cuda":
             reasons.append(f"needs CUDA tensors, got {t.device}")
             break
+    if dtypes is not None:
+        for t in tensors:
+            if t is not None and t.is_floating_point() and t.dtype not in dtypes:
+                reasons.append(f"dtype {t.dtype} not in {[str(d) for d in dtypes]}")
+                break
     return reasons
+
+
+def cuda_stream(t: torch.Tensor) -> int:
+    """The current CUDA stream of ``t``'s device as an integer handle for ``_C``."""
+    return torch.cuda.current_stream(t.device).cuda_stream
 
 
 def select(op: str, backends: list[Backend], forced: str | None, **inputs: Any) -> Backend:

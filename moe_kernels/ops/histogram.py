@@ -67,7 +67,7 @@ class CudaHistogram(B.Backend):
     def forward(self, experts, labels, out, weights, out_w):
         T, K = experts.shape
         G, E = out.shape
-        stream = torch.cuda.current_stream(experts.device).cuda_stream
+        stream = B.cuda_stream(experts)
         B._C.routing_histogram_cuda(
             B.ptr(experts),
             B.ptr(labels),
