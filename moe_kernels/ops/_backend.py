@@ -112,6 +112,13 @@ def cuda_stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
+def triton_backend(family: str) -> Backend:
+    """The Triton backend of an op family (``moe_kernels.triton``)."""
+    from moe_kernels.triton import backends
+
+    return backends.make(family)
+
+
 def select(op: str, backends: list[Backend], forced: str | None, **inputs: Any) -> Backend:
     """The first backend with no reasons (or the forced one); NoBackendError otherwise."""
     names = [b.name for b in backends]

@@ -92,7 +92,7 @@ class CpuCombine(B.Backend):
 
 BACKENDS: list[B.Backend] = [
     B.NotImplementedBackend("cuda", "no CUDA combine kernel in this version"),
-    B.NotImplementedBackend("triton", "no Triton combine kernel in this version"),
+    B.triton_backend("combine"),
     CpuCombine(),
     ReferenceCombine(),
 ]

@@ -61,7 +61,7 @@ class CpuDispatch(B.Backend):
 
 BACKENDS: list[B.Backend] = [
     B.NotImplementedBackend("cuda", "no CUDA dispatch kernel in this version"),
-    B.NotImplementedBackend("triton", "no Triton dispatch kernel in this version"),
+    B.triton_backend("dispatch"),
     CpuDispatch(),
     ReferenceDispatch(),
 ]

@@ -85,7 +85,7 @@ class CpuGating(B.Backend):
 
 BACKENDS: list[B.Backend] = [
     B.NotImplementedBackend("cuda", "no CUDA gating kernel in this version"),
-    B.NotImplementedBackend("triton", "no Triton gating kernel in this version"),
+    B.triton_backend("gating"),
     CpuGating(),
     ReferenceGating(),
 ]

@@ -90,7 +90,7 @@ class CpuGroupedMM(B.Backend):
 
 BACKENDS: list[B.Backend] = [
     B.NotImplementedBackend("cuda", "no CUDA grouped GEMM in this version"),
-    B.NotImplementedBackend("triton", "no Triton grouped GEMM in this version"),
+    B.triton_backend("grouped_mm"),
     CpuGroupedMM(),
     ReferenceGroupedMM(),
 ]

@@ -84,7 +84,7 @@ class CudaHistogram(B.Backend):
 
 BACKENDS: list[B.Backend] = [
     CudaHistogram(),
-    B.NotImplementedBackend("triton", "no Triton histogram kernel in this version"),
+    B.triton_backend("routing_histogram"),
     CpuHistogram(),
     ReferenceHistogram(),
 ]

@@ -144,7 +144,7 @@ class CpuRoute(B.Backend):
 
 BACKENDS: list[B.Backend] = [
     B.NotImplementedBackend("cuda", "no CUDA route kernel in this version"),
-    B.NotImplementedBackend("triton", "no Triton route kernel in this version"),
+    B.triton_backend("route"),
     CpuRoute(),
     ReferenceRoute(),
 ]
