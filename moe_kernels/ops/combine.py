@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from moe_kernels.ops import _backend as B
-from moe_kernels.ops.dispatch import check_plan, check_weights
+from moe_kernels.ops.dispatch import check_plan, check_weights, cuda_permute_reasons
 from moe_kernels.ops.route import RoutingPlan
 
 
@@ -90,8 +90,60 @@ class CpuCombine(B.Backend):
         return out
 
 
+class CudaCombine(B.Backend):
+    name = "cuda"
+
+    def not_supported_reasons(self, y, weights=None, **_):
+        return cuda_permute_reasons(y, weights)
+
+    def forward(self, y, slot_row, weights):
+        N, D = y.shape
+        T, K = slot_row.shape
+        out = torch.empty(T, D, dtype=y.dtype, device=y.device)
+        wcode = B.DTYPE_CODES[weights.dtype] if weights is not None else 0
+        with torch.cuda.device(y.device):
+            B._C.combine_cuda(
+                B.ptr(y),
+                B.DTYPE_CODES[y.dtype],
+                N,
+                D,
+                B.ptr(slot_row),
+                T,
+                K,
+                B.ptr(weights),
+                wcode,
+                B.ptr(out),
+                B.cuda_stream(y),
+            )
+        return out
+
+    def weight_grad(self, a, b, slot_row, wdtype):
+        if a.dtype != b.dtype:
+            raise TypeError(
+                f"weight_grad: expected a and b of one dtype, got {a.dtype} and {b.dtype}"
+            )
+        if wdtype not in (torch.float32, torch.float64):
+            raise TypeError(f"weight_grad: expected wdtype float32 or float64, got {wdtype}")
+        T, K = slot_row.shape
+        out = torch.empty(T, K, dtype=wdtype, device=a.device)
+        with torch.cuda.device(a.device):
+            B._C.weight_grad_cuda(
+                B.ptr(a),
+                B.ptr(b),
+                B.DTYPE_CODES[a.dtype],
+                T,
+                a.shape[1],
+                K,
+                B.ptr(slot_row),
+                B.ptr(out),
+                B.DTYPE_CODES[wdtype],
+                B.cuda_stream(a),
+            )
+        return out
+
+
 BACKENDS: list[B.Backend] = [
-    B.NotImplementedBackend("cuda", "no CUDA combine kernel in this version"),
+    CudaCombine(),
     B.triton_backend("combine"),
     CpuCombine(),
     ReferenceCombine(),

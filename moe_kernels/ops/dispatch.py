@@ -59,8 +59,49 @@ class CpuDispatch(B.Backend):
         return out
 
 
+# Storage dtypes of the CUDA permute kernels (csrc/cuda/permute.cu); gate weights are fp32/fp64.
+CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+CUDA_WEIGHT_DTYPES = (torch.float32, torch.float64)
+
+
+def cuda_permute_reasons(t: torch.Tensor, weights: torch.Tensor | None) -> list[str]:
+    """Why the CUDA dispatch/combine kernels cannot take ``t`` (and ``weights``)."""
+    reasons = B.cuda_reasons(t, weights, dtypes=CUDA_DTYPES)
+    if weights is not None and weights.dtype not in CUDA_WEIGHT_DTYPES:
+        reasons.append(f"weights dtype {weights.dtype} not in [torch.float32, torch.float64]")
+    return reasons
+
+
+class CudaDispatch(B.Backend):
+    name = "cuda"
+
+    def not_supported_reasons(self, x, weights=None, **_):
+        return cuda_permute_reasons(x, weights)
+
+    def forward(self, x, row_slot, K, weights):
+        T, D = x.shape
+        N = row_slot.shape[0]
+        out = torch.empty(N, D, dtype=x.dtype, device=x.device)
+        wcode = B.DTYPE_CODES[weights.dtype] if weights is not None else 0
+        with torch.cuda.device(x.device):
+            B._C.dispatch_cuda(
+                B.ptr(x),
+                B.DTYPE_CODES[x.dtype],
+                T,
+                D,
+                K,
+                B.ptr(row_slot),
+                N,
+                B.ptr(weights),
+                wcode,
+                B.ptr(out),
+                B.cuda_stream(x),
+            )
+        return out
+
+
 BACKENDS: list[B.Backend] = [
-    B.NotImplementedBackend("cuda", "no CUDA dispatch kernel in this version"),
+    CudaDispatch(),
     B.triton_backend("dispatch"),
     CpuDispatch(),
     ReferenceDispatch(),
