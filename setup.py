@@ -1,9 +1,12 @@
 """Build driver: setuptools packages + CMake for the compiled core ``moe_kernels._C``.
 
 Environment: ``MOE_KERNELS_CUDA=auto|0|1`` (build the CUDA kernels; auto = when nvcc is found),
-``MOE_CUDA_ARCHS`` (default ``80;90a``), ``MOE_BUILD_JOBS`` (parallel compile jobs).
+``MOE_CUDA_ARCHS`` (default ``80;90a``), ``MOE_BUILD_JOBS`` (parallel compile jobs),
+``MOE_CUTLASS=auto|ON|OFF`` (the CUTLASS grouped GEMM) and ``MOE_CUTLASS_DIR`` (CUTLASS source
+tree; default: the ``nvidia-cutlass`` wheel, a build requirement when CUDA is on).
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -20,6 +23,16 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+def cutlass_dir() -> str:
+    """CUTLASS source tree (include/cutlass/...): $MOE_CUTLASS_DIR, else nvidia-cutlass's."""
+    if os.environ.get("MOE_CUTLASS_DIR"):
+        return os.environ["MOE_CUTLASS_DIR"]
+    spec = importlib.util.find_spec("cutlass_library")  # located, not imported
+    if spec is None or spec.origin is None:
+        return ""
+    return str(Path(spec.origin).parent / "source")
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         import pybind11
@@ -34,6 +47,9 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
             f"-DMOE_KERNELS_CUDA={os.environ.get('MOE_KERNELS_CUDA', 'auto')}",
         ]
+        if os.environ.get("MOE_KERNELS_CUDA", "auto") != "0":
+            args.append(f"-DMOE_CUTLASS_DIR={cutlass_dir()}")
+            args.append(f"-DMOE_CUTLASS={os.environ.get('MOE_CUTLASS', 'auto')}")
         if os.environ.get("MOE_CUDA_ARCHS"):
             args.append(f"-DMOE_CUDA_ARCHS={os.environ['MOE_CUDA_ARCHS']}")
         try:
