@@ -86,8 +86,8 @@ def versions() -> dict:
 
 
 def device_name(device: torch.device) -> str:
-    """GPU name with compute capability and memory, or the CPU description of ``machine()``."""
+    """GPU name with compute capability and memory, or the CPU model, cores and torch threads."""
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         return f"{p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB)"
-    return machine()
+    return machine().split(", torch ")[0] + f", {torch.get_num_threads()} torch threads"

@@ -452,14 +452,17 @@ def _find(rows, ref: dict, impl: str) -> dict | None:
     return None
 
 
-def _ratio_target(t: Target, pairs: list[tuple[str, float]], at_least: float, missing: str):
+def _ratio_target(
+    t: Target, pairs: list[tuple[str, float]], at_least: float, missing: str, pct=False
+):
     """Worst case of ``pairs`` (label, ratio) against ``at_least``; N/A (missing) without any."""
     if not pairs:
         t.status = f"N/A ({missing})"
         return
     where, v = min(pairs, key=lambda p: p[1])
     t.value, t.where = v, f"worst: {where}"
-    t.status = "met" if v >= at_least else f"shortfall ({v:.3g} < {at_least:g})"
+    f = (lambda x: f"{100 * x:.3g}%") if pct else (lambda x: f"{x:.3g}")
+    t.status = "met" if v >= at_least else f"shortfall ({f(v)} < {f(at_least)})"
 
 
 def _case_label(r: dict) -> str:
@@ -525,7 +528,7 @@ def evaluate_targets(
                 for r in _best_ours(ops_rows, op=op).values()
                 if r["T_nominal"] == 32768 and r.get("frac_copy") is not None
             ]
-            _ratio_target(t, pairs, 0.75, "no checked moe_kernels rows at T=32768")
+            _ratio_target(t, pairs, 0.75, "no checked moe_kernels rows at T=32768", pct=True)
         out.append(t)
     t = Target("activation memory vs torch._grouped_mm layer", "<= 1.0x", "layer")
     if memory_rows is not None:

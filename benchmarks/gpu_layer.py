@@ -302,13 +302,13 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = H.resolve(args)
     timer = H.Timer(cfg.device, args.warmup_ms, args.rep_ms, args.cpu_reps)
-    info = H.machine_info(cfg.device, timer, cfg.smoke)
-    print(H.machine_line(info), flush=True)
-    if cfg.smoke or cfg.device.type != "cuda":
-        print(f"*** {H.CPU_LABEL if cfg.device.type == 'cpu' else 'smoke shapes'} ***", flush=True)
     impls = build_impls(args)
     rows, mem = [], []
     with H.cpu_threads(cfg, args.threads):
+        info = H.machine_info(cfg.device, timer, cfg.smoke)
+        print(H.machine_line(info), flush=True)
+        if cfg.device.type != "cuda":
+            print(f"*** {H.CPU_LABEL} ***", flush=True)
         copy = H.copy_bandwidth(timer, cfg.device, H.copy_nbytes(cfg.device, cfg.smoke))
         print(f"ceiling: device copy {copy['bytes'] / 2**20:.0f} MiB: {copy['gbps']:.1f} GB/s\n")
         for case in cfg.cases:
