@@ -1,3 +1,10 @@
+import importlib.util
+import os
+import types
+from pathlib import Path
+
+import pytest
+
 import moe_kernels
 
 
@@ -15,3 +22,76 @@ def test_import_without_gpu_even_with_cuda_built():
     from moe_kernels import _C
 
     assert hasattr(_C, "topk_gating_cpu")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_build_backend():
+    pytest.importorskip("setuptools")
+    spec = importlib.util.spec_from_file_location("moe_build", ROOT / "build_backend/moe_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cutlass_grouped_gemm_built_when_nvcc_and_headers_are_there():
+    info = moe_kernels.build_info()
+    if os.environ.get("MOE_CUTLASS") in ("OFF", "0"):
+        pytest.skip("MOE_CUTLASS is off in this environment")
+    headers = os.environ.get("MOE_CUTLASS_DIR") or importlib.util.find_spec("cutlass_library")
+    if not (info["cuda"] and headers):
+        pytest.skip("needs a CUDA build and the CUTLASS headers (nvidia-cutlass) installed here")
+    assert info["cutlass"] is True, (
+        "built with nvcc and the CUTLASS headers are installed, but the grouped GEMM was not "
+        "compiled (set MOE_CUTLASS=OFF if that was deliberate)"
+    )
+    from moe_kernels import _C
+
+    cuda_archs = info["cuda_archs"].split(",")
+    archs = _C.grouped_mm_cuda_archs()
+    assert (90 in archs) == ("90a" in cuda_archs), (archs, cuda_archs)
+    assert (80 in archs) == any(a.startswith("8") for a in cuda_archs), (archs, cuda_archs)
+
+
+def test_build_backend_requires_cutlass_only_when_cuda_builds(monkeypatch):
+    backend = load_build_backend()
+    for var in ("MOE_KERNELS_CUDA", "MOE_CUTLASS", "MOE_CUTLASS_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(backend, "nvcc_found", lambda: True)
+    # setuptools' own hooks would run setup.py egg_info here; stand in for them.
+    setuptools_hooks = types.SimpleNamespace(
+        get_requires_for_build_wheel=lambda config_settings=None: ["wheel"],
+        get_requires_for_build_editable=lambda config_settings=None: ["wheel"],
+    )
+    monkeypatch.setattr(backend, "_setuptools", setuptools_hooks)
+    assert backend.CUTLASS_REQUIREMENT.startswith("nvidia-cutlass")
+    assert backend.cuda_requirements() == [backend.CUTLASS_REQUIREMENT]
+    assert backend.get_requires_for_build_wheel() == ["wheel", backend.CUTLASS_REQUIREMENT]
+    assert backend.get_requires_for_build_editable() == ["wheel", backend.CUTLASS_REQUIREMENT]
+    monkeypatch.setenv("MOE_KERNELS_CUDA", "0")  # CPU-only build
+    assert backend.cuda_requirements() == []
+    monkeypatch.setenv("MOE_KERNELS_CUDA", "auto")
+    monkeypatch.setenv("MOE_CUTLASS", "OFF")  # CUDA kernels without the grouped GEMM
+    assert backend.cuda_requirements() == []
+    monkeypatch.delenv("MOE_CUTLASS")
+    monkeypatch.setattr(backend, "nvcc_found", lambda: False)  # no nvcc: nothing CUDA builds
+    assert backend.cuda_requirements() == []
+    assert backend.get_requires_for_build_wheel() == ["wheel"]
+
+
+def test_build_backend_finds_nvcc_like_cmake(monkeypatch, tmp_path):
+    backend = load_build_backend()
+    for var in ("CUDACXX", "CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvcc on PATH
+    fake = tmp_path / "cuda" / "bin" / "nvcc"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("")
+    found_by_default_path = Path("/usr/local/cuda/bin/nvcc").is_file()
+    assert backend.nvcc_found() == found_by_default_path
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
+    assert backend.nvcc_found()
+    monkeypatch.delenv("CUDA_HOME")
+    monkeypatch.setenv("CUDACXX", str(fake))
+    assert backend.nvcc_found()

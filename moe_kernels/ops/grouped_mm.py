@@ -7,6 +7,8 @@ Backward: d x = grouped_mm(d y, w^T) and d w[e] = x_e^T d y_e (zero for empty ex
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from moe_kernels.ops import _backend as B
@@ -55,6 +57,152 @@ def _torch_grouped_mm_reasons(x, w):
     return reasons
 
 
+# ---- CUDA: CUTLASS grouped GEMM (csrc/cuda/gemm) -------------------------------------------
+
+# Kernel families compiled into _C (80: CUTLASS 2 for sm_80 and later, 90: CUTLASS 3 for sm_90a).
+# Read once: backend selection runs inside torch.compile traces, which cannot call into _C.
+_CUDA_GEMM_ARCHS = (
+    tuple(B._C.grouped_mm_cuda_archs())
+    if B._C_HAS_CUDA and hasattr(B._C, "grouped_mm_cuda_archs")
+    else ()
+)
+_CUDA_GEMM_DTYPES = (torch.bfloat16, torch.float16)
+# Must match csrc/cuda/gemm/grouped_mm.h::Kind.
+_FORWARD_B_ROW, _FORWARD_B_COL, _WEIGHT_GRAD = 0, 1, 2
+_ALIGN = 8  # elements of 2 bytes per 16 bytes: TMA and cp.async need 16-byte aligned rows
+
+
+def _kernel_arch(device: torch.device) -> int | None:
+    """Hopper kernels on sm_90, Ampere kernels on any other sm_80 or later (PTX beyond sm_8x)."""
+    cap = torch.cuda.get_device_capability(device)
+    if cap == (9, 0) and 90 in _CUDA_GEMM_ARCHS:
+        return 90
+    if cap >= (8, 0) and 80 in _CUDA_GEMM_ARCHS:
+        return 80
+    return None
+
+
+def _b_layout(w_EDF: torch.Tensor) -> tuple[int, int] | None:
+    """(kind, leading dimension) of each expert's D x F matrix, or None without a unit stride."""
+    _, sD, sF = w_EDF.stride()
+    if sF == 1:
+        return _FORWARD_B_ROW, sD
+    if sD == 1:
+        return _FORWARD_B_COL, sF
+    return None
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.cache
+def _workspace_bytes(arch: int, kind: int, dtype: int, E: int, D: int, F: int, sms: int) -> int:
+    return B._C.grouped_mm_workspace_bytes(arch, kind, dtype, E, D, F, sms)
+
+
+def _cuda_grouped_mm_reasons(x: torch.Tensor, w: torch.Tensor) -> list[str]:
+    reasons = B.cuda_reasons(x, w, dtypes=_CUDA_GEMM_DTYPES)
+    if not reasons and not _CUDA_GEMM_ARCHS:
+        reasons.append("moe_kernels._C was built without the CUTLASS grouped GEMM (MOE_CUTLASS)")
+    if reasons:
+        return reasons
+    if _kernel_arch(x.device) is None:
+        cap = torch.cuda.get_device_capability(x.device)
+        reasons.append(
+            f"no kernels for compute capability {cap[0]}.{cap[1]} in this build "
+            f"(compiled: {['sm' + str(a) for a in _CUDA_GEMM_ARCHS]}; needs >= 8.0)"
+        )
+    D, F = w.shape[1], w.shape[2]
+    if D % _ALIGN or F % _ALIGN:
+        reasons.append(
+            f"D and F must be multiples of {_ALIGN} (16-byte aligned rows for TMA/cp.async), "
+            f"got D={D}, F={F}"
+        )
+    layout = _b_layout(w)
+    if layout is None:
+        reasons.append(f"w_EDF: needs a unit stride along D or F, got strides {w.stride()}")
+    elif layout[1] % _ALIGN or w.stride(0) % _ALIGN or w.storage_offset() % _ALIGN:
+        reasons.append(
+            f"w_EDF: strides {w.stride()} and storage offset {w.storage_offset()} must be "
+            f"multiples of {_ALIGN} elements (16-byte aligned TMA leading dimensions)"
+        )
+    if w.shape[0] > 65535:
+        reasons.append(f"at most 65535 experts, got {w.shape[0]}")
+    return reasons
+
+
+def _aligned_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a contiguous tensor starting 16-byte aligned; copied only when it is not."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+class CudaGroupedMM(B.Backend):
+    """CUTLASS grouped GEMM, bf16/fp16 with fp32 accumulation: sm_90a pointer-array kernels
+    (TMA, WGMMA) on Hopper, sm_80 grouped kernels elsewhere. Per-expert shapes are built on device
+    from the offsets, so a call never synchronises and can be captured in a CUDA graph."""
+
+    name = "cuda"
+
+    def not_supported_reasons(self, x, w, **_):
+        return _cuda_grouped_mm_reasons(x, w)
+
+    def forward(self, x, w, offsets):
+        (N, D), (E, _, F) = x.shape, w.shape
+        y = x.new_empty(N, F)
+        if N == 0 or F == 0:
+            return y
+        if E == 0 or D == 0:
+            return y.zero_()  # every row is padding, or every product is empty
+        kind, ldb = _b_layout(w)
+        self._launch(kind, _aligned_rows(x), w, y, offsets, E, N, D, F, ldb, w.stride(0))
+        return y
+
+    def dw(self, x, dy, offsets):
+        (N, D), F, E = x.shape, dy.shape[1], offsets.shape[0] - 1
+        dw = x.new_empty(E, D, F)
+        if dw.numel() == 0:
+            return dw
+        if N == 0:
+            return dw.zero_()  # every expert is empty
+        x, dy = _aligned_rows(x), _aligned_rows(dy)
+        self._launch(_WEIGHT_GRAD, x, dy, dw, offsets, E, N, D, F, 0, 0)
+        return dw
+
+    @staticmethod
+    def _launch(kind, x, b, out, offsets, E, N, D, F, ldb, b_group_stride):
+        device = x.device
+        arch = _kernel_arch(device)
+        dtype = B.DTYPE_CODES[x.dtype]
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        nbytes = _workspace_bytes(arch, kind, dtype, E, D, F, sms)
+        workspace = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        offsets = offsets.contiguous()
+        with torch.cuda.device(device):
+            B._C.grouped_mm_cuda(
+                arch,
+                kind,
+                dtype,
+                B.ptr(x),
+                B.ptr(b),
+                B.ptr(out),
+                B.ptr(offsets),
+                offsets.dtype == torch.int64,
+                E,
+                N,
+                D,
+                F,
+                ldb,
+                b_group_stride,
+                sms,
+                B.ptr(workspace),
+                nbytes,
+                B.cuda_stream(x),
+            )
+
+
 class ReferenceGroupedMM(B.Backend):
     name = "reference"
 
@@ -89,7 +237,7 @@ class CpuGroupedMM(B.Backend):
 
 
 BACKENDS: list[B.Backend] = [
-    B.NotImplementedBackend("cuda", "no CUDA grouped GEMM in this version"),
+    CudaGroupedMM(),
     B.triton_backend("grouped_mm"),
     CpuGroupedMM(),
     ReferenceGroupedMM(),
