@@ -72,9 +72,14 @@ _FORWARD_B_ROW, _FORWARD_B_COL, _WEIGHT_GRAD = 0, 1, 2
 _ALIGN = 8  # elements of 2 bytes per 16 bytes: TMA and cp.async need 16-byte aligned rows
 
 
+@torch.compiler.assume_constant_result  # a device's capability is fixed: no trace through CUDA
+def _device_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
 def _kernel_arch(device: torch.device) -> int | None:
     """Hopper kernels on sm_90, Ampere kernels on any other sm_80 or later (PTX beyond sm_8x)."""
-    cap = torch.cuda.get_device_capability(device)
+    cap = _device_capability(device)
     if cap == (9, 0) and 90 in _CUDA_GEMM_ARCHS:
         return 90
     if cap >= (8, 0) and 80 in _CUDA_GEMM_ARCHS:
@@ -109,7 +114,7 @@ def _cuda_grouped_mm_reasons(x: torch.Tensor, w: torch.Tensor) -> list[str]:
     if reasons:
         return reasons
     if _kernel_arch(x.device) is None:
-        cap = torch.cuda.get_device_capability(x.device)
+        cap = _device_capability(x.device)
         reasons.append(
             f"no kernels for compute capability {cap[0]}.{cap[1]} in this build "
             f"(compiled: {['sm' + str(a) for a in _CUDA_GEMM_ARCHS]}; needs >= 8.0)"
@@ -123,10 +128,10 @@ def _cuda_grouped_mm_reasons(x: torch.Tensor, w: torch.Tensor) -> list[str]:
     layout = _b_layout(w)
     if layout is None:
         reasons.append(f"w_EDF: needs a unit stride along D or F, got strides {w.stride()}")
-    elif layout[1] % _ALIGN or w.stride(0) % _ALIGN or w.storage_offset() % _ALIGN:
+    elif layout[1] <= 0 or layout[1] % _ALIGN or w.stride(0) % _ALIGN:
         reasons.append(
-            f"w_EDF: strides {w.stride()} and storage offset {w.storage_offset()} must be "
-            f"multiples of {_ALIGN} elements (16-byte aligned TMA leading dimensions)"
+            f"w_EDF: strides {w.stride()} must be multiples of {_ALIGN} elements "
+            "(16-byte aligned TMA leading dimensions)"
         )
     if w.shape[0] > 65535:
         reasons.append(f"at most 65535 experts, got {w.shape[0]}")
@@ -137,6 +142,12 @@ def _aligned_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a contiguous tensor starting 16-byte aligned; copied only when it is not."""
     t = t.contiguous()
     return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _aligned_start(w: torch.Tensor) -> torch.Tensor:
+    """``w`` itself when it starts 16-byte aligned (its strides are checked at selection), else
+    a contiguous copy: a view into the middle of a storage is rare enough to copy."""
+    return w if w.data_ptr() % 16 == 0 else w.clone(memory_format=torch.contiguous_format)
 
 
 class CudaGroupedMM(B.Backend):
@@ -156,6 +167,7 @@ class CudaGroupedMM(B.Backend):
             return y
         if E == 0 or D == 0:
             return y.zero_()  # every row is padding, or every product is empty
+        w = _aligned_start(w)
         kind, ldb = _b_layout(w)
         self._launch(kind, _aligned_rows(x), w, y, offsets, E, N, D, F, ldb, w.stride(0))
         return y
