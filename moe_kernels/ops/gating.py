@@ -4,6 +4,10 @@ Legend: T tokens, E experts, K top-k. ``logits_TE`` fp32/bf16/fp16/fp64; ``weigh
 (fp64 for fp64 logits); ``experts_TK`` int32. Scores are computed in fp32 (fp64), the optional
 ``bias_E`` changes the selection only (never the weights), ties go to the lower expert index, and
 the weights are differentiable in the logits.
+
+Non-finite logits: the reference and CPU backends raise a ValueError. The CUDA backend cannot
+without a host synchronisation, so it flags the token instead: its weights are NaN, its expert
+ids -1 (which the CUDA ``route`` skips: dropped slots) and its logit gradients NaN.
 """
 
 from __future__ import annotations
@@ -83,8 +87,68 @@ class CpuGating(B.Backend):
         return w, experts
 
 
+# Limits of the CUDA kernels (csrc/cuda/gating.h; _C.gating_cuda_max_experts / _max_top_k).
+CUDA_MAX_EXPERTS = 256
+CUDA_MAX_TOP_K = 16
+
+
+class CudaGating(B.Backend):
+    """One warp per token (csrc/cuda/gating.cu); E <= 256, k <= 16; has its own backward."""
+
+    name = "cuda"
+
+    def not_supported_reasons(self, logits, bias=None, k=None, **_):
+        reasons = B.cuda_reasons(logits, bias, dtypes=B.FLOAT_DTYPES)
+        E = logits.shape[-1]
+        if E > CUDA_MAX_EXPERTS:
+            reasons.append(f"E = {E} experts > {CUDA_MAX_EXPERTS} (one warp holds a token's row)")
+        if k is not None and k > CUDA_MAX_TOP_K:
+            reasons.append(f"k = {k} > {CUDA_MAX_TOP_K}")
+        return reasons
+
+    def forward(self, logits, k, score, bias, normalize):
+        T, E = logits.shape
+        w = torch.empty(T, k, dtype=B.weight_dtype_for(logits.dtype), device=logits.device)
+        experts = torch.empty(T, k, dtype=torch.int32, device=logits.device)
+        B._C.topk_gating_cuda(
+            B.ptr(logits),
+            B.DTYPE_CODES[logits.dtype],
+            T,
+            E,
+            k,
+            SCORES.index(score),
+            B.ptr(bias),
+            normalize,
+            B.ptr(w),
+            B.ptr(experts),
+            B.cuda_stream(logits),
+        )
+        return w, experts
+
+    def backward(self, grad_w, logits, experts, score, normalize):
+        T, E = logits.shape
+        K = experts.shape[1]
+        grad_w = grad_w.to(B.weight_dtype_for(logits.dtype)).contiguous()
+        experts = experts.contiguous()
+        dlogits = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        B._C.topk_gating_backward_cuda(
+            B.ptr(grad_w),
+            B.ptr(logits),
+            B.DTYPE_CODES[logits.dtype],
+            B.ptr(experts),
+            T,
+            E,
+            K,
+            SCORES.index(score),
+            normalize,
+            B.ptr(dlogits),
+            B.cuda_stream(logits),
+        )
+        return dlogits
+
+
 BACKENDS: list[B.Backend] = [
-    B.NotImplementedBackend("cuda", "no CUDA gating kernel in this version"),
+    CudaGating(),
     B.triton_backend("gating"),
     CpuGating(),
     ReferenceGating(),
@@ -110,15 +174,38 @@ def _(logits, k, score, bias, normalize, backend):
     return w, logits.new_empty(T, k, dtype=torch.int32)
 
 
+@torch.library.custom_op("moe_kernels::topk_gating_backward", mutates_args=())
+def _topk_gating_backward_op(
+    grad_w: torch.Tensor,
+    logits: torch.Tensor,
+    experts: torch.Tensor,
+    score: str,
+    normalize: bool,
+    backend: str,
+) -> torch.Tensor:
+    return B.by_name(BACKENDS, backend).backward(grad_w, logits, experts, score, normalize)
+
+
+@_topk_gating_backward_op.register_fake
+def _(grad_w, logits, experts, score, normalize, backend):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
 def _setup(ctx, inputs, output):
-    logits, _, score, _, normalize, _ = inputs
+    logits, _, score, _, normalize, backend = inputs
     ctx.save_for_backward(logits, output[1])
-    ctx.score, ctx.normalize = score, normalize
+    ctx.score, ctx.normalize, ctx.backend = score, normalize, backend
 
 
 def _backward(ctx, grad_w, _grad_experts):
+    """A backend with a ``backward`` method (CUDA) computes dlogits with its own kernel, through
+    a custom op so torch.compile can trace it; the others use plain-torch gating_backward."""
     logits, experts = ctx.saved_tensors
-    return gating_backward(grad_w, logits, experts, ctx.score, ctx.normalize), *([None] * 5)
+    if hasattr(B.by_name(BACKENDS, ctx.backend), "backward"):
+        d = _topk_gating_backward_op(grad_w, logits, experts, ctx.score, ctx.normalize, ctx.backend)
+    else:
+        d = gating_backward(grad_w, logits, experts, ctx.score, ctx.normalize)
+    return d, *([None] * 5)
 
 
 _topk_gating_op.register_autograd(_backward, setup_context=_setup)
@@ -149,7 +236,9 @@ def topk_gating(
 
     Raises:
         TypeError / ValueError naming the argument: wrong type, dtype, rank, device, shape,
-        k out of range, unknown score, NaN or inf logits, non-contiguous logits.
+        k out of range, unknown score, NaN or inf logits, non-contiguous logits. The CUDA backend
+        does not raise on NaN or inf logits (that would need a host synchronisation): it returns
+        NaN weights and expert ids -1 for those tokens (see the module docstring).
     """
     B.check_tensor("logits_TE", logits_TE, ndim=2, dtypes=B.FLOAT_DTYPES)
     B.check_contiguous("logits_TE", logits_TE)
@@ -164,5 +253,5 @@ def topk_gating(
         B.check_tensor("bias_E", bias_E, ndim=1, dtypes=B.FLOAT_DTYPES, device=logits_TE.device)
         B.check_shape("bias_E", bias_E, (E,))
         bias_E = bias_E.detach().to(torch.float32).contiguous()
-    chosen = B.select("topk_gating", BACKENDS, backend, logits=logits_TE, bias=bias_E)
+    chosen = B.select("topk_gating", BACKENDS, backend, logits=logits_TE, bias=bias_E, k=k)
     return _topk_gating_op(logits_TE, k, score, bias_E, bool(normalize), chosen.name)
