@@ -4,6 +4,11 @@ Legend: T tokens, K top-k, E experts, N allocated rows (T*K dropless, min(T*K, E
 with a capacity). All plan tensors are int32 on the device of ``experts_TK``. Rows of one
 expert are contiguous and in token order; rows past ``offsets_E1[E]`` are padding
 (``row_slot_N = -1``). Building a plan needs no host synchronisation.
+
+Out-of-range expert ids: the reference and CPU backends raise a ValueError. The CUDA backend
+cannot without a host synchronisation, so it skips them: such a slot is not counted in
+``counts_E``, gets no row (``slot_row_TK = -1``, like a dropped slot) and shifts nothing else.
+The CUDA ``topk_gating`` flags tokens with non-finite logits with ids -1, which are skipped so.
 """
 
 from __future__ import annotations
@@ -142,8 +147,66 @@ class CpuRoute(B.Backend):
         return counts, kept, offsets, row_slot, slot_row
 
 
+# Limits of the CUDA kernels (csrc/cuda/route.h; _C.route_cuda_max_experts).
+CUDA_MAX_EXPERTS = 8192
+CUDA_MAX_SLOTS = 2**31 - 2**16
+
+
+class CudaRoute(B.Backend):
+    """Stable counting sort on device (csrc/cuda/route.cu), CUB radix sort for score dropping;
+    every buffer, the workspace included, allocated here with torch: no sync, graph-capturable."""
+
+    name = "cuda"
+
+    def not_supported_reasons(self, experts, weights=None, num_experts=None, **_):
+        reasons = B.cuda_reasons(experts, weights, dtypes=(torch.float32, torch.float64))
+        if num_experts is not None and num_experts > CUDA_MAX_EXPERTS:
+            reasons.append(
+                f"num_experts = {num_experts} > {CUDA_MAX_EXPERTS} (per-warp expert counters "
+                "in shared memory)"
+            )
+        if experts.numel() > CUDA_MAX_SLOTS:
+            reasons.append(f"T * K = {experts.numel()} > {CUDA_MAX_SLOTS} (int32 rows)")
+        return reasons
+
+    def forward(self, experts, E, capacity, weights, drop):
+        T, K = experts.shape
+        N = num_rows(T, K, E, None if capacity < 0 else capacity)
+        i32 = dict(dtype=torch.int32, device=experts.device)
+        counts, kept, offsets = (
+            torch.empty(E, **i32),
+            torch.empty(E, **i32),
+            torch.empty(E + 1, **i32),
+        )
+        row_slot, slot_row = torch.empty(N, **i32), torch.empty(T, K, **i32)
+        wcode = B.DTYPE_CODES[weights.dtype] if weights is not None else 0
+        code = DROPS.index(drop)
+        nbytes = B._C.route_cuda_workspace_size(T, K, E, capacity, code, wcode)
+        workspace = torch.empty(nbytes, dtype=torch.uint8, device=experts.device)
+        B._C.route_cuda(
+            B.ptr(experts),
+            T,
+            K,
+            E,
+            capacity,
+            code,
+            B.ptr(weights),
+            wcode,
+            N,
+            B.ptr(counts),
+            B.ptr(kept),
+            B.ptr(offsets),
+            B.ptr(row_slot),
+            B.ptr(slot_row),
+            B.ptr(workspace),
+            nbytes,
+            B.cuda_stream(experts),
+        )
+        return counts, kept, offsets, row_slot, slot_row
+
+
 BACKENDS: list[B.Backend] = [
-    B.NotImplementedBackend("cuda", "no CUDA route kernel in this version"),
+    CudaRoute(),
     B.triton_backend("route"),
     CpuRoute(),
     ReferenceRoute(),
@@ -192,7 +255,8 @@ def route(
 
     Raises:
         TypeError / ValueError naming the argument (dtype, rank, device, ids out of range,
-        negative capacity, unknown drop policy, missing weights for score dropping).
+        negative capacity, unknown drop policy, missing weights for score dropping). The CUDA
+        backend skips out-of-range ids instead of raising (see the module docstring).
     """
     B.check_tensor("experts_TK", experts_TK, ndim=2, dtypes=(torch.int32, torch.int64))
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
@@ -215,7 +279,9 @@ def route(
     if drop == "score" and capacity is not None and weights_TK is None:
         raise ValueError('weights_TK: required with drop="score" and a capacity, got None')
     experts = experts_TK.to(torch.int32).contiguous()
-    chosen = B.select("route", BACKENDS, backend, experts=experts, weights=weights_TK)
+    chosen = B.select(
+        "route", BACKENDS, backend, experts=experts, weights=weights_TK, num_experts=num_experts
+    )
     cap = -1 if capacity is None else capacity
     counts, kept, offsets, row_slot, slot_row = _route_op(
         experts, num_experts, cap, weights_TK, drop, chosen.name
