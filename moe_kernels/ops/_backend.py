@@ -54,6 +54,10 @@ class Backend:
 
     name = "?"
     tolerances = DEFAULT_TOLERANCES
+    # True for a backend that accepts some inputs only when asked for by name: select() then
+    # passes ``forced=True`` (backend="name") or ``forced=False`` (automatic selection) to its
+    # not_supported_reasons. The Triton backend uses it for CPU tensors (its slow interpreter).
+    takes_forced = False
 
     def not_supported_reasons(self, **inputs: Any) -> list[str]:
         return []
@@ -113,10 +117,12 @@ def cuda_stream(t: torch.Tensor) -> int:
 
 
 def triton_backend(family: str) -> Backend:
-    """The Triton backend of an op family (``moe_kernels.triton``)."""
-    from moe_kernels.triton import backends
+    """The Triton backend of an op family (``moe_kernels.triton.families``; not named
+    ``backends``: torch.compile never traces files under a path containing "triton/backends",
+    and selection calls their not_supported_reasons inside compiled code)."""
+    from moe_kernels.triton import families
 
-    return backends.make(family)
+    return families.make(family)
 
 
 def select(op: str, backends: list[Backend], forced: str | None, **inputs: Any) -> Backend:
@@ -130,7 +136,10 @@ def select(op: str, backends: list[Backend], forced: str | None, **inputs: Any) 
         chosen = backends
     report = []
     for b in chosen:
-        reasons = b.not_supported_reasons(**inputs)
+        if b.takes_forced:
+            reasons = b.not_supported_reasons(**inputs, forced=forced is not None)
+        else:
+            reasons = b.not_supported_reasons(**inputs)
         if not reasons:
             return b
         report.append(f"  {b.name}: " + "; ".join(reasons))

@@ -1,0 +1,192 @@
+"""Triton backend objects for the op families (see moe_kernels.ops._backend).
+
+Which inputs the Triton backend takes:
+- CUDA tensors: always (it comes after the cuda backend in every family's list);
+- CPU tensors: only through Triton's interpreter (``TRITON_INTERPRET=1`` set before anything
+  imports triton: it fixes the mode of its own library functions on import, and of ours when
+  they load) and only when asked for by name (``backend="triton"``), so automatic
+  selection on CPU keeps the C++ cpu backend; the interpreter runs one program at a time and is
+  meant for tests.
+
+Nothing here imports triton: its presence is checked with ``importlib.util.find_spec`` and the
+kernel modules (``moe_kernels.triton.<family>``) load on first use. This module imports only
+``moe_kernels.ops._backend`` (the op modules import it while they build their backend lists).
+Its name is not ``backends``: torch.compile skips every file under a path containing
+"triton/backends", and backend selection runs these reasons inside compiled code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from types import ModuleType
+
+import torch
+
+from moe_kernels.ops import _backend as B
+
+
+def _triton_installed() -> bool:
+    # A directory named "triton" on sys.path without an __init__.py (a test folder, say) is found
+    # as a namespace package with no origin; only a real package counts.
+    spec = importlib.util.find_spec("triton")
+    return spec is not None and spec.origin is not None
+
+
+TRITON_INSTALLED = _triton_installed()
+
+# Data dtypes of every Triton kernel (they compute in fp32; fp64 stays on cpu/reference).
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Largest expert count: gating holds a row of E logits per program, grouped_mm E + 1 offsets.
+MAX_EXPERTS = 4096
+MAX_ROWS = 2**31 - 1  # row indices are int32 inside the kernels
+
+# Values of TRITON_INTERPRET that triton reads as true.
+_TRUE = {"1", "true", "yes", "on", "y"}
+
+
+def interpreter_requested() -> bool:
+    """Whether TRITON_INTERPRET asks for Triton's interpreter (read now, from the environment)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
+
+
+def kernels_interpreted() -> bool | None:
+    """Whether this process loaded the Triton kernels for the interpreter; None before the first
+    kernel module loads (triton fixes the mode when it decorates a kernel)."""
+    common = sys.modules.get("moe_kernels.triton._common")
+    return None if common is None else bool(common.INTERPRETED)
+
+
+def triton_library_interpreted() -> bool | None:
+    """Whether triton's own library functions (``tl.sum``, ``tl.cumsum``, ...) were decorated for
+    the interpreter; None before triton is imported (it fixes their mode on import)."""
+    standard = sys.modules.get("triton.language.standard")
+    jit = sys.modules.get("triton.runtime.jit")
+    if standard is None or jit is None:
+        return None
+    return not isinstance(standard.sum, jit.JITFunction)
+
+
+def kernels(family: str) -> ModuleType:
+    """The kernel module of an op family (imports triton on first use)."""
+    return importlib.import_module(f"moe_kernels.triton.{family}")
+
+
+def device_reasons(t: torch.Tensor, forced: bool) -> list[str]:
+    """Why the Triton kernels cannot run on ``t``'s device (empty when they can)."""
+    if not TRITON_INSTALLED:
+        return ["triton is not installed (pip install 'moe-testbed[triton]')"]
+    kind = t.device.type
+    if kind == "cuda":
+        return []
+    if kind != "cpu":
+        return [f"needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {t.device}"]
+    if not forced:
+        return [
+            "CPU tensors run only through Triton's interpreter, so only when asked for with "
+            "backend='triton' (and TRITON_INTERPRET=1); automatic selection leaves them to cpu"
+        ]
+    mode = kernels_interpreted()
+    if mode is False:
+        return [
+            "CPU tensors need Triton's interpreter, but this process loaded the Triton kernels "
+            "without it; set TRITON_INTERPRET=1 before anything imports triton"
+        ]
+    if triton_library_interpreted() is False:
+        return [
+            "CPU tensors need Triton's interpreter, but triton was imported before "
+            "TRITON_INTERPRET=1 was set (its library functions are compiled for the GPU); set it "
+            "before anything imports triton"
+        ]
+    if mode is None and not interpreter_requested():
+        return [
+            "CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before anything "
+            "imports triton"
+        ]
+    return []
+
+
+def dtype_reasons(*tensors: torch.Tensor | None) -> list[str]:
+    for t in tensors:
+        if t is not None and t.is_floating_point() and t.dtype not in DTYPES:
+            return [f"dtype {t.dtype} not in {[str(d) for d in DTYPES]}"]
+    return []
+
+
+class TritonBackend(B.Backend):
+    name = "triton"
+    takes_forced = True
+
+
+class TritonGating(TritonBackend):
+    def not_supported_reasons(self, logits, bias=None, forced=False, **_):
+        reasons = device_reasons(logits, forced) + dtype_reasons(logits)
+        if logits.shape[1] > MAX_EXPERTS:
+            reasons.append(f"E = {logits.shape[1]} experts > {MAX_EXPERTS}")
+        return reasons
+
+    def forward(self, logits, k, score, bias, normalize):
+        return kernels("gating").topk_gating(logits, k, score, bias, normalize)
+
+
+class TritonDispatch(TritonBackend):
+    def not_supported_reasons(self, x, weights=None, forced=False, **_):
+        return device_reasons(x, forced) + dtype_reasons(x)
+
+    def forward(self, x, row_slot, K, weights):
+        return kernels("dispatch").dispatch(x.contiguous(), row_slot.contiguous(), K, weights)
+
+
+class TritonCombine(TritonBackend):
+    def not_supported_reasons(self, y, weights=None, forced=False, **_):
+        return device_reasons(y, forced) + dtype_reasons(y)
+
+    def forward(self, y, slot_row, weights):
+        return kernels("combine").combine(y.contiguous(), slot_row.contiguous(), weights)
+
+    def weight_grad(self, a, b, slot_row, wdtype):
+        mod = kernels("combine")
+        return mod.weight_grad(a.contiguous(), b.contiguous(), slot_row.contiguous(), wdtype)
+
+
+class TritonGroupedMM(TritonBackend):
+    def not_supported_reasons(self, x, w, forced=False, **_):
+        reasons = device_reasons(x, forced) + dtype_reasons(x)
+        if w.shape[0] > MAX_EXPERTS:
+            reasons.append(f"E = {w.shape[0]} experts > {MAX_EXPERTS}")
+        if x.shape[0] > MAX_ROWS:
+            reasons.append(f"N = {x.shape[0]} rows > {MAX_ROWS}")
+        return reasons
+
+    def forward(self, x, w, offsets):
+        return kernels("grouped_mm").grouped_mm(x, w, offsets)
+
+    def dw(self, x, dy, offsets):
+        return kernels("grouped_mm").grouped_mm_dw(x, dy, offsets)
+
+
+class TritonHistogram(TritonBackend):
+    def not_supported_reasons(self, experts, out, forced=False, **_):
+        return device_reasons(experts, forced)
+
+    def forward(self, experts, labels, out, weights, out_w):
+        kernels("histogram").routing_histogram(experts, labels, out, weights, out_w)
+
+
+_FAMILIES = {
+    "gating": TritonGating,
+    "dispatch": TritonDispatch,
+    "combine": TritonCombine,
+    "grouped_mm": TritonGroupedMM,
+    "routing_histogram": TritonHistogram,
+}
+
+
+def make(family: str) -> B.Backend:
+    """The Triton backend of ``family`` or a placeholder that says why there is none."""
+    cls = _FAMILIES.get(family)
+    if cls is None:
+        return B.NotImplementedBackend("triton", f"no Triton {family} kernel in this version")
+    return cls()
