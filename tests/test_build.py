@@ -40,7 +40,10 @@ def test_cutlass_grouped_gemm_built_when_nvcc_and_headers_are_there():
     if os.environ.get("MOE_CUTLASS") in ("OFF", "0"):
         pytest.skip("MOE_CUTLASS is off in this environment")
     headers = os.environ.get("MOE_CUTLASS_DIR") or importlib.util.find_spec("cutlass_library")
-    if not (info["cuda"] and headers):
+    # CI builds with build isolation: the headers lived in the build environment only, and a
+    # CUDA build there must have compiled the grouped GEMM.
+    in_ci = os.environ.get("CI", "").lower() in ("1", "true")
+    if not (info["cuda"] and (headers or in_ci)):
         pytest.skip("needs a CUDA build and the CUTLASS headers (nvidia-cutlass) installed here")
     assert info["cutlass"] is True, (
         "built with nvcc and the CUTLASS headers are installed, but the grouped GEMM was not "
