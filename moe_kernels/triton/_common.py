@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 
 
 @triton.jit
@@ -14,6 +15,45 @@ def _probe():
 # True when this process decorated its kernels for Triton's interpreter (TRITON_INTERPRET=1 was
 # set before the first kernel module loaded): they then run on CPU tensors, one program at a time.
 INTERPRETED = not isinstance(_probe, triton.runtime.JITFunction)
+
+
+# Reductions and scans over our own combine functions instead of tl.sum / tl.max / tl.min /
+# tl.cumsum: those are triton library functions whose interpreter mode is fixed when triton is
+# imported (torch may import it long before TRITON_INTERPRET is set), while these take the mode
+# of our kernels. Compiled for a GPU they are the same reductions.
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _maximum(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _minimum(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def reduce_sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _add)
+
+
+@triton.jit
+def reduce_max(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _maximum)
+
+
+@triton.jit
+def reduce_min(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _minimum)
+
+
+@triton.jit
+def inclusive_sum(x, axis: tl.constexpr):
+    return tl.associative_scan(x, axis, _add)
 
 
 def next_pow2(n: int) -> int:

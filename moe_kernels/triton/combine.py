@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_kernels.triton._common import INTERPRETED, next_pow2
+from moe_kernels.triton._common import INTERPRETED, next_pow2, reduce_sum
 
 
 @triton.jit
@@ -34,7 +34,7 @@ def _combine_kernel(
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     tok_ok = tokens < T
     col_ok = cols < D
-    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    acc = tl.full((BLOCK_T, BLOCK_D), 0, tl.float32)
     for k in range(K):
         slot = tokens.to(tl.int64) * K + k
         row = tl.load(slot_row_ptr + slot, mask=tok_ok, other=-1)
@@ -68,14 +68,14 @@ def _weight_grad_kernel(
     valid = row >= 0
     a_rows = a_ptr + tokens.to(tl.int64)[:, None] * D
     b_rows = b_ptr + tl.where(valid, row, 0).to(tl.int64)[:, None] * D
-    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    acc = tl.full((BLOCK_T, BLOCK_D), 0, tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
         a = tl.load(a_rows + cols[None, :], mask=tok_ok[:, None] & col_ok[None, :], other=0)
         b = tl.load(b_rows + cols[None, :], mask=valid[:, None] & col_ok[None, :], other=0)
         acc += a.to(tl.float32) * b.to(tl.float32)
-    dot = tl.sum(acc, axis=1)
+    dot = reduce_sum(acc, 1)
     tl.store(out_ptr + slot, dot.to(out_ptr.dtype.element_ty), mask=tok_ok)
 
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_kernels.triton._common import INTERPRETED, next_pow2
+from moe_kernels.triton._common import INTERPRETED, next_pow2, reduce_max, reduce_min, reduce_sum
 
 SCORES = ("softmax", "sigmoid")  # same order as moe_kernels.ops.gating.SCORES
 
@@ -47,31 +47,31 @@ def _topk_gating_kernel(
     # |z| < inf is false for NaN and +-inf. Such a row is flagged at the end; its values are
     # zeroed first so that no NaN arithmetic runs. Padding columns become -inf (never chosen).
     ok = tl.abs(z) < float("inf")
-    finite = tl.min(ok.to(tl.int32), axis=1)
+    finite = reduce_min(ok.to(tl.int32), 1)
     z = tl.where(col_ok[None, :], tl.where(ok, z, 0.0), float("-inf"))
     if SIGMOID:
-        s = tl.sigmoid(z)
+        s = 1.0 / (1.0 + tl.exp(-z))
     else:
-        p = tl.exp(z - tl.max(z, axis=1)[:, None])
-        s = p / tl.sum(p, axis=1)[:, None]
+        p = tl.exp(z - reduce_max(z, 1)[:, None])
+        s = p / reduce_sum(p, 1)[:, None]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0)
         sel = tl.where(col_ok[None, :], s + bias[None, :], float("-inf"))
     else:
         sel = z
     ks = tl.arange(0, BLOCK_K)
-    w = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
-    ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
+    w = tl.full((BLOCK_T, BLOCK_K), 0, tl.float32)
+    ids = tl.full((BLOCK_T, BLOCK_K), 0, tl.int32)
     for k in range(K):
-        best = tl.max(sel, axis=1)
-        idx = tl.min(tl.where(sel == best[:, None], cols[None, :], BLOCK_E), axis=1)
+        best = reduce_max(sel, 1)
+        idx = reduce_min(tl.where(sel == best[:, None], cols[None, :], BLOCK_E), 1)
         hit = cols[None, :] == idx[:, None]
-        sk = tl.sum(tl.where(hit, s, 0.0), axis=1)
+        sk = reduce_sum(tl.where(hit, s, 0.0), 1)
         w = tl.where(ks[None, :] == k, sk[:, None], w)
         ids = tl.where(ks[None, :] == k, idx[:, None], ids)
         sel = tl.where(hit, float("-inf"), sel)
     if NORMALIZE:
-        w = w / tl.sum(w, axis=1)[:, None]
+        w = w / reduce_sum(w, 1)[:, None]
     bad = finite == 0
     w = tl.where(bad[:, None], float("nan"), w)
     ids = tl.where(bad[:, None], -1, ids)

@@ -26,7 +26,14 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_kernels.triton._common import INTERPRETED, dot_precision, dot_upcast, next_pow2
+from moe_kernels.triton._common import (
+    INTERPRETED,
+    dot_precision,
+    dot_upcast,
+    inclusive_sum,
+    next_pow2,
+    reduce_sum,
+)
 
 
 @triton.jit
@@ -40,12 +47,12 @@ def _block_rows(
     hi = tl.load(offsets_ptr + g + 1, mask=g < E, other=0).to(tl.int32)
     hi = tl.where(g == E, N, hi)
     blocks = (tl.maximum(hi - lo, 0) + BLOCK_M - 1) // BLOCK_M
-    through = tl.cumsum(blocks, 0)  # blocks of groups 0..g
-    group = tl.sum((through <= pid_m).to(tl.int32), 0)
+    through = inclusive_sum(blocks, 0)  # blocks of groups 0..g
+    group = reduce_sum((through <= pid_m).to(tl.int32), 0)
     mine = g == group
-    first_block = tl.sum(tl.where(mine, through - blocks, 0), 0)
-    start = tl.sum(tl.where(mine, lo, 0), 0) + (pid_m - first_block) * BLOCK_M
-    end = tl.sum(tl.where(mine, hi, 0), 0)
+    first_block = reduce_sum(tl.where(mine, through - blocks, 0), 0)
+    start = reduce_sum(tl.where(mine, lo, 0), 0) + (pid_m - first_block) * BLOCK_M
+    end = reduce_sum(tl.where(mine, hi, 0), 0)
     return group, start, end
 
 
@@ -87,7 +94,7 @@ def _grouped_mm_kernel(
     y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_yn + cols[None, :] * stride_yf
     out_ok = row_ok[:, None] & col_ok[None, :]
     if group == E:
-        zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty)
+        zero = tl.full((BLOCK_M, BLOCK_N), 0, y_ptr.dtype.element_ty)
         tl.store(y_ptrs, zero, mask=out_ok)
         return
     if GATHER:
@@ -97,7 +104,7 @@ def _grouped_mm_kernel(
         src = rows
     a_ptrs = x_ptr + src.to(tl.int64)[:, None] * stride_xr
     b_ptrs = w_ptr + group.to(tl.int64) * stride_we + cols[None, :] * stride_wf
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < D
@@ -135,14 +142,14 @@ def _grouped_mm_dw_kernel(
 ):
     tile = tl.program_id(0)
     e = tl.program_id(1)
-    tiles_f = tl.cdiv(F, BLOCK_N)
+    tiles_f = (F + BLOCK_N - 1) // BLOCK_N
     ds = (tile // tiles_f) * BLOCK_M + tl.arange(0, BLOCK_M)
     fs = (tile % tiles_f) * BLOCK_N + tl.arange(0, BLOCK_N)
     d_ok = ds < D
     f_ok = fs < F
     lo = tl.load(offsets_ptr + e).to(tl.int32)
     hi = tl.load(offsets_ptr + e + 1).to(tl.int32)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
     for r0 in range(lo, hi, BLOCK_K):
         rs = r0 + tl.arange(0, BLOCK_K)
         r_ok = rs < hi
