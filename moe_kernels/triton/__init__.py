@@ -61,9 +61,10 @@ def gather_grouped_mm(x_TD, w_EDF, offsets_E1, row_token_N):
     run on these tensors (no triton, or CPU tensors without ``TRITON_INTERPRET=1``).
     """
     _check_gather(x_TD, offsets_E1, row_token_N, w_EDF=w_EDF)
-    from moe_kernels.triton import grouped_mm
+    from moe_kernels.triton import families, grouped_mm
 
-    return grouped_mm.gather_grouped_mm(x_TD, w_EDF, offsets_E1, row_token_N)
+    with families.on_device(x_TD):
+        return grouped_mm.gather_grouped_mm(x_TD, w_EDF, offsets_E1, row_token_N)
 
 
 def gather_grouped_mm_dw(x_TD, dy_NF, offsets_E1, row_token_N):
@@ -72,6 +73,7 @@ def gather_grouped_mm_dw(x_TD, dy_NF, offsets_E1, row_token_N):
     the gathered copy. ``dy_NF``: (N, F), same dtype and device as ``x_TD``; other arguments as
     in :func:`gather_grouped_mm`."""
     _check_gather(x_TD, offsets_E1, row_token_N, dy_NF=dy_NF)
-    from moe_kernels.triton import grouped_mm
+    from moe_kernels.triton import families, grouped_mm
 
-    return grouped_mm.gather_grouped_mm_dw(x_TD, dy_NF, offsets_E1, row_token_N)
+    with families.on_device(x_TD):
+        return grouped_mm.gather_grouped_mm_dw(x_TD, dy_NF, offsets_E1, row_token_N)

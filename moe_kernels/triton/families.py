@@ -2,11 +2,11 @@
 
 Which inputs the Triton backend takes:
 - CUDA tensors: always (it comes after the cuda backend in every family's list);
-- CPU tensors: only through Triton's interpreter (``TRITON_INTERPRET=1`` set before anything
-  imports triton: it fixes the mode of its own library functions on import, and of ours when
-  they load) and only when asked for by name (``backend="triton"``), so automatic
-  selection on CPU keeps the C++ cpu backend; the interpreter runs one program at a time and is
-  meant for tests.
+- CPU tensors: only through Triton's interpreter and only when asked for by name
+  (``backend="triton"``), so automatic selection on CPU keeps the C++ cpu backend; the
+  interpreter runs one program at a time and is meant for tests. ``TRITON_INTERPRET=1`` must be
+  set when the kernels load (triton fixes a kernel's mode when it decorates it) and still be set
+  when they run: unsetting it switches CPU tensors off again.
 
 Nothing here imports triton: its presence is checked with ``importlib.util.find_spec`` and the
 kernel modules (``moe_kernels.triton.<family>``) load on first use. This module imports only
@@ -17,6 +17,7 @@ Its name is not ``backends``: torch.compile skips every file under a path contai
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -59,16 +60,6 @@ def kernels_interpreted() -> bool | None:
     return None if common is None else bool(common.INTERPRETED)
 
 
-def triton_library_interpreted() -> bool | None:
-    """Whether triton's own library functions (``tl.sum``, ``tl.cumsum``, ...) were decorated for
-    the interpreter; None before triton is imported (it fixes their mode on import)."""
-    standard = sys.modules.get("triton.language.standard")
-    jit = sys.modules.get("triton.runtime.jit")
-    if standard is None or jit is None:
-        return None
-    return not isinstance(standard.sum, jit.JITFunction)
-
-
 def kernels(family: str) -> ModuleType:
     """The kernel module of an op family (imports triton on first use)."""
     return importlib.import_module(f"moe_kernels.triton.{family}")
@@ -88,24 +79,23 @@ def device_reasons(t: torch.Tensor, forced: bool) -> list[str]:
             "CPU tensors run only through Triton's interpreter, so only when asked for with "
             "backend='triton' (and TRITON_INTERPRET=1); automatic selection leaves them to cpu"
         ]
-    mode = kernels_interpreted()
-    if mode is False:
+    if not interpreter_requested():
+        return [
+            "CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 (before the first "
+            "Triton call)"
+        ]
+    if kernels_interpreted() is False:
         return [
             "CPU tensors need Triton's interpreter, but this process loaded the Triton kernels "
-            "without it; set TRITON_INTERPRET=1 before anything imports triton"
-        ]
-    if triton_library_interpreted() is False:
-        return [
-            "CPU tensors need Triton's interpreter, but triton was imported before "
-            "TRITON_INTERPRET=1 was set (its library functions are compiled for the GPU); set it "
-            "before anything imports triton"
-        ]
-    if mode is None and not interpreter_requested():
-        return [
-            "CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before anything "
-            "imports triton"
+            "before TRITON_INTERPRET=1 was set"
         ]
     return []
+
+
+def on_device(t: torch.Tensor):
+    """Make ``t``'s GPU current while launching (Triton launches on the current device and its
+    current torch stream); nothing to do for CPU tensors."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def dtype_reasons(*tensors: torch.Tensor | None) -> list[str]:
@@ -128,7 +118,8 @@ class TritonGating(TritonBackend):
         return reasons
 
     def forward(self, logits, k, score, bias, normalize):
-        return kernels("gating").topk_gating(logits, k, score, bias, normalize)
+        with on_device(logits):
+            return kernels("gating").topk_gating(logits, k, score, bias, normalize)
 
 
 class TritonDispatch(TritonBackend):
@@ -136,7 +127,8 @@ class TritonDispatch(TritonBackend):
         return device_reasons(x, forced) + dtype_reasons(x)
 
     def forward(self, x, row_slot, K, weights):
-        return kernels("dispatch").dispatch(x.contiguous(), row_slot.contiguous(), K, weights)
+        with on_device(x):
+            return kernels("dispatch").dispatch(x.contiguous(), row_slot.contiguous(), K, weights)
 
 
 class TritonCombine(TritonBackend):
@@ -144,11 +136,13 @@ class TritonCombine(TritonBackend):
         return device_reasons(y, forced) + dtype_reasons(y)
 
     def forward(self, y, slot_row, weights):
-        return kernels("combine").combine(y.contiguous(), slot_row.contiguous(), weights)
+        with on_device(y):
+            return kernels("combine").combine(y.contiguous(), slot_row.contiguous(), weights)
 
     def weight_grad(self, a, b, slot_row, wdtype):
         mod = kernels("combine")
-        return mod.weight_grad(a.contiguous(), b.contiguous(), slot_row.contiguous(), wdtype)
+        with on_device(a):
+            return mod.weight_grad(a.contiguous(), b.contiguous(), slot_row.contiguous(), wdtype)
 
 
 class TritonGroupedMM(TritonBackend):
@@ -161,10 +155,12 @@ class TritonGroupedMM(TritonBackend):
         return reasons
 
     def forward(self, x, w, offsets):
-        return kernels("grouped_mm").grouped_mm(x, w, offsets)
+        with on_device(x):
+            return kernels("grouped_mm").grouped_mm(x, w, offsets)
 
     def dw(self, x, dy, offsets):
-        return kernels("grouped_mm").grouped_mm_dw(x, dy, offsets)
+        with on_device(x):
+            return kernels("grouped_mm").grouped_mm_dw(x, dy, offsets)
 
 
 class TritonHistogram(TritonBackend):
@@ -172,7 +168,8 @@ class TritonHistogram(TritonBackend):
         return device_reasons(experts, forced)
 
     def forward(self, experts, labels, out, weights, out_w):
-        kernels("histogram").routing_histogram(experts, labels, out, weights, out_w)
+        with on_device(experts):
+            kernels("histogram").routing_histogram(experts, labels, out, weights, out_w)
 
 
 _FAMILIES = {
