@@ -2,6 +2,7 @@
 // optional capacity dropping. Rows inside an expert keep token order, so results are
 // deterministic and independent of the thread count. O(T*K) and memory-bound.
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -50,8 +51,16 @@ void route(const int32_t* experts, int64_t T, int64_t K, int64_t E, int64_t capa
       if (counts[e] <= capacity) continue;
       auto b = order.begin() + start[e], end = order.begin() + start[e + 1];
       std::vector<int64_t> bucket(b, end);
-      std::nth_element(bucket.begin(), bucket.begin() + capacity, bucket.end(),
-                       [&](int64_t x, int64_t y) { return w(x) > w(y) || (w(x) == w(y) && x < y); });
+      // A strict weak order even with NaN: numbers by decreasing weight, then NaN (dropped
+      // first, as the reference's sort places them last); ties by earlier slot.
+      auto before = [&](int64_t x, int64_t y) {
+        const double a = w(x), b = w(y);
+        const bool na = std::isnan(a), nb = std::isnan(b);
+        if (na != nb) return nb;
+        if (!na && a != b) return a > b;
+        return x < y;
+      };
+      std::nth_element(bucket.begin(), bucket.begin() + capacity, bucket.end(), before);
       for (auto it = bucket.begin() + capacity; it != bucket.end(); ++it) keep[*it] = 0;
     }
   }

@@ -89,6 +89,27 @@ def test_score_policy_drops_lowest_weights():
     assert plan.slot_row_TK[:, 0].tolist() == [0, 1, -1, -1]  # ties: later slots dropped first
 
 
+def test_score_policy_nan_weights_are_dropped_first():
+    # NaN weights sort last in the reference, so they are dropped before any number; the CPU
+    # kernel's selection must agree (its comparator has to stay a strict weak order with NaN).
+    g = torch.Generator().manual_seed(3)
+    T, K, E, cap = 64, 2, 4, 9
+    experts = random_experts(T, K, E, seed=3)
+    w = torch.rand(T, K, generator=g)
+    w[torch.rand(T, K, generator=g) < 0.3] = float("nan")
+    w[5, 0] = w[6, 1] = 0.5  # exact ties among the numbers
+    ref = route_reference(experts, E, cap, w, "score")
+    got = mk.route(experts, E, capacity=cap, weights_TK=w, drop="score", backend="cpu")
+    for a, b in zip(got[:5], ref):
+        assert torch.equal(a, b)
+    kept_nan = (got.slot_row_TK >= 0) & w.isnan()
+    dropped_num = (got.slot_row_TK < 0) & ~w.isnan()
+    # No expert keeps a NaN slot while dropping a numeric one.
+    for e in range(E):
+        mine = experts == e
+        assert not ((kept_nan & mine).any() and (dropped_num & mine).any())
+
+
 def test_empty_tokens():
     plan = mk.route(torch.empty(0, 2, dtype=torch.int32), 4)
     assert plan.num_rows == 0 and plan.offsets_E1.tolist() == [0] * 5
