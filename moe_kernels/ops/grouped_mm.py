@@ -72,9 +72,15 @@ _FORWARD_B_ROW, _FORWARD_B_COL, _WEIGHT_GRAD = 0, 1, 2
 _ALIGN = 8  # elements of 2 bytes per 16 bytes: TMA and cp.async need 16-byte aligned rows
 
 
-@torch.compiler.assume_constant_result  # a device's capability is fixed: no trace through CUDA
 def _device_capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
+
+
+# A device's capability is fixed, so torch.compile may treat it as a constant instead of tracing
+# into CUDA. Only CUDA builds of torch can reach this (CUDA tensors); marking it on a CPU build
+# would import torch._dynamo with moe_kernels for nothing (about 1 s).
+if torch.version.cuda is not None:
+    _device_capability = torch.compiler.assume_constant_result(_device_capability)
 
 
 def _kernel_arch(device: torch.device) -> int | None:
