@@ -63,6 +63,26 @@ class Backend:
         return []
 
 
+class CpuKernels(Backend):
+    """A backend whose op ``op`` runs ``_C.<op>_cpu(*args)``."""
+
+    name = "cpu"
+
+    def launch(self, op: str, like: torch.Tensor, *args: Any) -> None:
+        getattr(_C, f"{op}_cpu")(*args)
+
+
+class CudaKernels(Backend):
+    """A backend whose op ``op`` runs ``_C.<op>_cuda(*args, stream)`` on ``like``'s device and
+    current stream. Subclassing it before a CpuKernels backend reuses that backend's methods."""
+
+    name = "cuda"
+
+    def launch(self, op: str, like: torch.Tensor, *args: Any) -> None:
+        with torch.cuda.device(like.device):
+            getattr(_C, f"{op}_cuda")(*args, cuda_stream(like))
+
+
 class NotImplementedBackend(Backend):
     """Placeholder slot in the ordered list for a backend this op family does not have yet."""
 

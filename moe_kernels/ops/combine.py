@@ -48,18 +48,18 @@ class ReferenceCombine(B.Backend):
         return weight_grad_reference(a, b, slot_row, wdtype)
 
 
-class CpuCombine(B.Backend):
-    name = "cpu"
-
+class CpuCombine(B.CpuKernels):
     def not_supported_reasons(self, y, weights=None, **_):
         return B.cpu_reasons(y, weights)
 
     def forward(self, y, slot_row, weights):
         N, D = y.shape
         T, K = slot_row.shape
-        out = torch.empty(T, D, dtype=y.dtype)
+        out = torch.empty(T, D, dtype=y.dtype, device=y.device)
         wcode = B.DTYPE_CODES[weights.dtype] if weights is not None else 0
-        B._C.combine_cpu(
+        self.launch(
+            "combine",
+            y,
             B.ptr(y),
             B.DTYPE_CODES[y.dtype],
             N,
@@ -75,8 +75,10 @@ class CpuCombine(B.Backend):
 
     def weight_grad(self, a, b, slot_row, wdtype):
         T, K = slot_row.shape
-        out = torch.empty(T, K, dtype=wdtype)
-        B._C.weight_grad_cpu(
+        out = torch.empty(T, K, dtype=wdtype, device=a.device)
+        self.launch(
+            "weight_grad",
+            a,
             B.ptr(a),
             B.ptr(b),
             B.DTYPE_CODES[a.dtype],
@@ -90,32 +92,13 @@ class CpuCombine(B.Backend):
         return out
 
 
-class CudaCombine(B.Backend):
+class CudaCombine(B.CudaKernels, CpuCombine):
+    """CpuCombine's launch layout on the CUDA kernels (csrc/cuda/permute.cu)."""
+
     name = "cuda"
 
     def not_supported_reasons(self, y, weights=None, **_):
         return cuda_permute_reasons(y, weights)
-
-    def forward(self, y, slot_row, weights):
-        N, D = y.shape
-        T, K = slot_row.shape
-        out = torch.empty(T, D, dtype=y.dtype, device=y.device)
-        wcode = B.DTYPE_CODES[weights.dtype] if weights is not None else 0
-        with torch.cuda.device(y.device):
-            B._C.combine_cuda(
-                B.ptr(y),
-                B.DTYPE_CODES[y.dtype],
-                N,
-                D,
-                B.ptr(slot_row),
-                T,
-                K,
-                B.ptr(weights),
-                wcode,
-                B.ptr(out),
-                B.cuda_stream(y),
-            )
-        return out
 
     def weight_grad(self, a, b, slot_row, wdtype):
         if a.dtype != b.dtype:
@@ -124,22 +107,7 @@ class CudaCombine(B.Backend):
             )
         if wdtype not in (torch.float32, torch.float64):
             raise TypeError(f"weight_grad: expected wdtype float32 or float64, got {wdtype}")
-        T, K = slot_row.shape
-        out = torch.empty(T, K, dtype=wdtype, device=a.device)
-        with torch.cuda.device(a.device):
-            B._C.weight_grad_cuda(
-                B.ptr(a),
-                B.ptr(b),
-                B.DTYPE_CODES[a.dtype],
-                T,
-                a.shape[1],
-                K,
-                B.ptr(slot_row),
-                B.ptr(out),
-                B.DTYPE_CODES[wdtype],
-                B.cuda_stream(a),
-            )
-        return out
+        return super().weight_grad(a, b, slot_row, wdtype)
 
 
 BACKENDS: list[B.Backend] = [

@@ -33,18 +33,18 @@ class ReferenceDispatch(B.Backend):
         return dispatch_reference(x, row_slot, K, weights)
 
 
-class CpuDispatch(B.Backend):
-    name = "cpu"
-
+class CpuDispatch(B.CpuKernels):
     def not_supported_reasons(self, x, weights=None, **_):
         return B.cpu_reasons(x, weights)
 
     def forward(self, x, row_slot, K, weights):
         T, D = x.shape
         N = row_slot.shape[0]
-        out = torch.empty(N, D, dtype=x.dtype)
+        out = torch.empty(N, D, dtype=x.dtype, device=x.device)
         wcode = B.DTYPE_CODES[weights.dtype] if weights is not None else 0
-        B._C.dispatch_cpu(
+        self.launch(
+            "dispatch",
+            x,
             B.ptr(x),
             B.DTYPE_CODES[x.dtype],
             T,
@@ -72,32 +72,13 @@ def cuda_permute_reasons(t: torch.Tensor, weights: torch.Tensor | None) -> list[
     return reasons
 
 
-class CudaDispatch(B.Backend):
+class CudaDispatch(B.CudaKernels, CpuDispatch):
+    """CpuDispatch's launch layout on the CUDA kernels (csrc/cuda/permute.cu)."""
+
     name = "cuda"
 
     def not_supported_reasons(self, x, weights=None, **_):
         return cuda_permute_reasons(x, weights)
-
-    def forward(self, x, row_slot, K, weights):
-        T, D = x.shape
-        N = row_slot.shape[0]
-        out = torch.empty(N, D, dtype=x.dtype, device=x.device)
-        wcode = B.DTYPE_CODES[weights.dtype] if weights is not None else 0
-        with torch.cuda.device(x.device):
-            B._C.dispatch_cuda(
-                B.ptr(x),
-                B.DTYPE_CODES[x.dtype],
-                T,
-                D,
-                K,
-                B.ptr(row_slot),
-                N,
-                B.ptr(weights),
-                wcode,
-                B.ptr(out),
-                B.cuda_stream(x),
-            )
-        return out
 
 
 BACKENDS: list[B.Backend] = [
