@@ -60,6 +60,16 @@ def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
+def row_blocks(D: int) -> tuple[int, int]:
+    """(rows, BLOCK_D) per program for the row-copy kernels: whole rows up to 1024 columns,
+    about 4096 elements per program (the interpreter gets the smallest tiles so that tests cross
+    tile edges with small shapes)."""
+    if INTERPRETED:
+        return 4, 16
+    block_d = min(next_pow2(D), 1024)
+    return max(1, 4096 // block_d), block_d
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision: fp32 inputs use IEEE fp32 products unless torch allows TF32
     for matmuls (``torch.backends.cuda.matmul.allow_tf32``), as torch's own matmuls do; 16-bit

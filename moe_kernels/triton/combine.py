@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_kernels.triton._common import INTERPRETED, next_pow2, reduce_sum
+from moe_kernels.triton._common import reduce_sum, row_blocks
 
 
 @triton.jit
@@ -79,15 +79,6 @@ def _weight_grad_kernel(
     tl.store(out_ptr + slot, dot.to(out_ptr.dtype.element_ty), mask=tok_ok)
 
 
-def _blocks(D: int) -> tuple[int, int]:
-    """(BLOCK_T, BLOCK_D): whole rows up to 1024 columns, about 4096 elements per program (the
-    interpreter gets the smallest tiles so that tests cross tile edges with small shapes)."""
-    if INTERPRETED:
-        return 4, 16
-    block_d = min(next_pow2(D), 1024)
-    return max(1, 4096 // block_d), block_d
-
-
 def combine(y_ND: torch.Tensor, slot_row_TK: torch.Tensor, weights_TK=None) -> torch.Tensor:
     """(T, D) token rows from contiguous ``y_ND``; ``weights_TK`` fp32 contiguous or None."""
     T, K = slot_row_TK.shape
@@ -95,7 +86,7 @@ def combine(y_ND: torch.Tensor, slot_row_TK: torch.Tensor, weights_TK=None) -> t
     out = torch.empty(T, D, dtype=y_ND.dtype, device=y_ND.device)
     if out.numel() == 0:
         return out
-    block_t, block_d = _blocks(D)
+    block_t, block_d = row_blocks(D)
     grid = (triton.cdiv(T, block_t), triton.cdiv(D, block_d))
     _combine_kernel[grid](
         y_ND,
@@ -119,7 +110,7 @@ def weight_grad(a_TD, b_ND, slot_row_TK, wdtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(T, K, dtype=wdtype, device=a_TD.device)
     if out.numel() == 0:
         return out
-    block_t, block_d = _blocks(D)
+    block_t, block_d = row_blocks(D)
     _weight_grad_kernel[(triton.cdiv(T, block_t), K)](
         a_TD, b_ND, slot_row_TK, out, T, D, K, BLOCK_T=block_t, BLOCK_D=block_d
     )

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_kernels.triton._common import INTERPRETED, next_pow2
+from moe_kernels.triton._common import row_blocks
 
 
 @triton.jit
@@ -44,15 +44,6 @@ def _dispatch_kernel(
     tl.store(dst, v.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _blocks(D: int) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_D): whole rows up to 1024 columns, about 4096 elements per program (the
-    interpreter gets the smallest tiles so that tests cross tile edges with small shapes)."""
-    if INTERPRETED:
-        return 4, 16
-    block_d = min(next_pow2(D), 1024)
-    return max(1, 4096 // block_d), block_d
-
-
 def dispatch(x_TD: torch.Tensor, row_slot_N: torch.Tensor, K: int, weights_TK=None):
     """(N, D) expert-ordered rows of contiguous ``x_TD``; ``weights_TK`` fp32 contiguous or None."""
     D = x_TD.shape[1]
@@ -60,7 +51,7 @@ def dispatch(x_TD: torch.Tensor, row_slot_N: torch.Tensor, K: int, weights_TK=No
     out = torch.empty(N, D, dtype=x_TD.dtype, device=x_TD.device)
     if out.numel() == 0:
         return out
-    block_r, block_d = _blocks(D)
+    block_r, block_d = row_blocks(D)
     grid = (triton.cdiv(N, block_r), triton.cdiv(D, block_d))
     _dispatch_kernel[grid](
         x_TD,
