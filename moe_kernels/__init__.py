@@ -8,7 +8,8 @@ plain-torch reference and an ordered list of backends (cuda, triton, cpu, refere
 from __future__ import annotations
 
 from moe_kernels import stats
-from moe_kernels.layer import MoE, MoEConfig, aux_losses, share_router, update_routers
+from moe_kernels.config import MoEConfig
+from moe_kernels.layer import MoE, aux_losses, share_router, update_routers
 from moe_kernels.ops import (
     NoBackendError,
     RoutingPlan,

@@ -30,109 +30,18 @@ over layers and ``moe_kernels.update_routers(model)`` applies the between-step u
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moe_kernels import balancing as bal
+from moe_kernels.activations import ACTIVATIONS
+from moe_kernels.config import MoEConfig
 from moe_kernels.ops import combine, dispatch, grouped_mm, route
-from moe_kernels.routers import ROUTERS, SCORES, Router, RouterDecision, reference_groups
+from moe_kernels.routers import Router, RouterDecision, reference_groups
 from moe_kernels.stats import RoutingStats
-
-ACTIVATIONS = {
-    # name: (function, gated)
-    "swiglu": (F.silu, True),
-    "geglu": (F.gelu, True),
-    "gelu": (F.gelu, False),
-    "gelu_tanh": (lambda h: F.gelu(h, approximate="tanh"), False),
-    "relu": (F.relu, False),
-    "silu": (F.silu, False),
-}
-DROPS = ("position", "score")
-
-
-@dataclass
-class MoEConfig:
-    """Every routing / balancing / capacity choice of one ``MoE`` layer (``shared/ROUTING.md``).
-
-    Invalid values raise ``ValueError`` naming the field at construction.
-    """
-
-    router: str = "learned"
-    score: str = "softmax"
-    top_k: int = 2
-    num_experts: int = 8
-    normalize: bool = True
-    jitter: float = 0.0
-    balance: str = "aux"
-    scope: str = "micro_batch"
-    aux_coef: float = 0.01
-    z_coef: float = 1e-3
-    bias_rate: float = 1e-3
-    bias_rule: str = "sign"
-    capacity_factor: float | None = None
-    drop: str = "position"
-    num_groups: int | None = None
-    shared_experts: int = 0
-    activation: str = "swiglu"
-    expert_bias: bool = False  # per-expert biases b1/b3 (E, F), b2 (E, D): upcycled GPT-2 MLPs
-
-    def __post_init__(self) -> None:
-        choices = {
-            "router": ROUTERS,
-            "score": SCORES,
-            "balance": bal.BALANCES,
-            "scope": bal.SCOPES,
-            "bias_rule": bal.BIAS_RULES,
-            "drop": DROPS,
-            "activation": tuple(ACTIVATIONS),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
-        E, k = self.num_experts, self.top_k
-        if isinstance(E, bool) or not isinstance(E, int) or E < 1:
-            raise ValueError(f"num_experts: expected an int >= 1, got {E!r}")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= E:
-            raise ValueError(
-                f"top_k: expected an int with 1 <= top_k <= num_experts = {E}, got {k!r}"
-            )
-        for name in ("jitter", "aux_coef", "z_coef", "bias_rate"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v):
-                raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
-        if self.jitter >= 1:
-            raise ValueError(f"jitter: expected a value in [0, 1), got {self.jitter!r}")
-        cf = self.capacity_factor
-        if cf is not None and (
-            not isinstance(cf, (int, float)) or not cf > 0 or not math.isfinite(cf)
-        ):
-            raise ValueError(
-                f"capacity_factor: expected None (dropless) or a number > 0, got {cf!r}"
-            )
-        n = self.shared_experts
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"shared_experts: expected an int >= 0, got {n!r}")
-        if self.router == "reference":
-            G = self.num_groups
-            if isinstance(G, bool) or not isinstance(G, int) or G < 1 or E % G:
-                raise ValueError(
-                    f"num_groups: router='reference' needs the number of domains G >= 1 with "
-                    f"num_experts % G == 0 (num_experts={E}), got {G!r}"
-                )
-            if k > E // G:
-                raise ValueError(
-                    f"top_k: router='reference' needs top_k <= num_experts / num_groups = "
-                    f"{E // G}, got {k}"
-                )
-        if self.balance == "aux_free" and self.router in ("hash", "expert_choice"):
-            raise ValueError(
-                f"balance: 'aux_free' biases a token-choice top-k selection; "
-                f"router={self.router!r} "
-                "has none (use balance='none')"
-            )
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

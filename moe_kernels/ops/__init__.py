@@ -3,12 +3,14 @@
 from moe_kernels.ops._backend import NoBackendError
 from moe_kernels.ops.combine import combine
 from moe_kernels.ops.dispatch import dispatch
-from moe_kernels.ops.gating import topk_gating
+from moe_kernels.ops.gating import SCORES, topk_gating
 from moe_kernels.ops.grouped_mm import grouped_mm
 from moe_kernels.ops.histogram import routing_histogram
-from moe_kernels.ops.route import RoutingPlan, route
+from moe_kernels.ops.route import DROPS, RoutingPlan, route
 
 __all__ = [
+    "DROPS",
+    "SCORES",
     "NoBackendError",
     "RoutingPlan",
     "combine",
