@@ -3,7 +3,7 @@
 from moe_kernels.ops._backend import NoBackendError
 from moe_kernels.ops.combine import combine
 from moe_kernels.ops.dispatch import dispatch
-from moe_kernels.ops.gating import SCORES, topk_gating
+from moe_kernels.ops.gating import SCORES, router_scores, topk_gating
 from moe_kernels.ops.grouped_mm import grouped_mm
 from moe_kernels.ops.histogram import routing_histogram
 from moe_kernels.ops.route import DROPS, RoutingPlan, route
@@ -17,6 +17,7 @@ __all__ = [
     "dispatch",
     "grouped_mm",
     "route",
+    "router_scores",
     "routing_histogram",
     "topk_gating",
 ]

@@ -19,6 +19,12 @@ from moe_kernels.ops import _backend as B
 SCORES = ("softmax", "sigmoid")
 
 
+def router_scores(logits_TE: torch.Tensor, score: str) -> torch.Tensor:
+    """The score function s = score(logits) (``"softmax"`` over experts or ``"sigmoid"``),
+    computed in the dtype of ``logits_TE`` (callers pass fp32/fp64 logits)."""
+    return torch.softmax(logits_TE, -1) if score == "softmax" else torch.sigmoid(logits_TE)
+
+
 def topk_gating_reference(logits_TE, k, score="softmax", bias_E=None, normalize=True):
     """Plain-torch gating. Selection on the logits themselves when there is no bias (the scores
     are monotonic in them), so exact ties resolve identically in every backend."""
@@ -27,7 +33,7 @@ def topk_gating_reference(logits_TE, k, score="softmax", bias_E=None, normalize=
     if z.numel() and not bool(torch.isfinite(z).all()):
         bad = int((~torch.isfinite(z)).any(-1).nonzero()[0, 0])
         raise ValueError(f"logits_TE: expected finite values, found NaN or inf in token {bad}")
-    s = torch.softmax(z, -1) if score == "softmax" else torch.sigmoid(z)
+    s = router_scores(z, score)
     sel = z if bias_E is None else s + bias_E.to(acc)
     experts = torch.sort(sel, dim=-1, descending=True, stable=True).indices[:, :k]
     w = s.gather(-1, experts)
@@ -40,7 +46,7 @@ def gating_backward(grad_w_TK, logits_TE, experts_TK, score, normalize):
     """d(loss)/d(logits) from d(loss)/d(weights), in plain torch (shared by every backend)."""
     acc = B.weight_dtype_for(logits_TE.dtype)
     z = logits_TE.to(acc)
-    s = torch.softmax(z, -1) if score == "softmax" else torch.sigmoid(z)
+    s = router_scores(z, score)
     idx = experts_TK.long()
     g = s.gather(-1, idx)
     dg = grad_w_TK.to(acc)
