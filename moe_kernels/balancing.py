@@ -5,7 +5,7 @@ router scores s_t (softmax, or sigmoid normalised to sum 1 per token so that the
 of the Switch loss is 1 for both), ``experts_TK`` the selected set S_t (-1 = not selected, used by
 expert-choice routing for slots an expert did not take).
 
-Definitions follow ``shared/ROUTING.md``:
+Definitions follow ``docs/ROUTING.md``:
 
 - ``L_aux = E * sum_i f_i P_i`` with ``f_i = C_i / (k T)`` (no gradient) and ``P_i`` the mean score.
   Token-choice routers select exactly k experts per token, so ``sum_i C_i = k T`` and
