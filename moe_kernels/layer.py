@@ -56,7 +56,7 @@ class MoE(nn.Module):
         router, balance, capacity_factor, activation, shared_experts: see :class:`MoEConfig`;
             further ``MoEConfig`` fields (score, normalize, jitter, scope, aux_coef, z_coef,
             bias_rate, bias_rule, drop, num_groups, expert_bias) as keyword arguments.
-        backend: force an op backend (``"cpu"``, ``"reference"``, ...) for every op.
+        backend: force an op backend (``"cpu"``, ``"cuda"``, ...) for every op.
         gather: the experts' fused-gather switch (``"auto"``, True, False; see
             ``moe_kernels.experts``).
 
@@ -157,7 +157,7 @@ class MoE(nn.Module):
         return self.router.follows is not None
 
     def reference_groups(self) -> list[list[int]]:
-        """The expert group of each domain (``router="reference"``): domain d owns experts
+        """The expert group of each domain (the reference router): domain d owns experts
         ``[d*E/G, (d+1)*E/G)``. Raises ValueError for other routers."""
         return self.router.reference_groups()
 
@@ -200,16 +200,11 @@ class MoE(nn.Module):
             return loss
         if cfg.balance == "aux":
             p = bal.balance_scores(dec.scores_TE, cfg.score)
-            if cfg.scope == "sequence":
-                S = x.shape[-2] if x.dim() >= 3 else p.shape[0]
-                E = self.num_experts
-                l_aux = bal.sequence_aux_loss(
-                    p.reshape(-1, S, E), sel_TK.reshape(-1, S, sel_TK.shape[-1])
-                )
-            elif cfg.scope == "global_batch" and self.training:
-                l_aux = bal.switch_aux_loss(p, self.balance_state.accumulate_global(counts_E))
-            else:  # micro_batch (and global_batch in eval mode: no step to accumulate over)
-                l_aux = bal.switch_aux_loss(p, counts_E)
+            S = x.shape[-2] if x.dim() >= 3 else p.shape[0]  # tokens per sequence
+            state, training = self.balance_state, self.training
+            l_aux = bal.scoped_aux_loss(
+                p, sel_TK, counts_E, cfg.scope, seq_len=S, state=state, training=training
+            )
             loss = loss + cfg.aux_coef * l_aux
         if cfg.z_coef > 0:
             loss = loss + cfg.z_coef * bal.z_loss(dec.logits_TE)
@@ -225,10 +220,10 @@ class MoE(nn.Module):
         """MoE output for ``x`` (..., D), same shape; the model adds the residual.
 
         Args:
-            x: (..., D) activations (``router="sequence"``: (B, S, D)).
+            x: (..., D) activations ((B, S, D) for the sequence router).
             labels: integer domain labels shaped like ``x[..., 0]``, -1 = padding (required by
-                ``router="reference"``; used by statistics).
-            token_ids: integer token ids shaped like ``x[..., 0]`` (required by ``router="hash"``).
+                the reference router; used by statistics).
+            token_ids: integer token ids shaped like ``x[..., 0]`` (required by the hash router).
 
         Raises ValueError naming ``x``, ``labels`` or ``token_ids`` for missing or misshapen input.
         """
