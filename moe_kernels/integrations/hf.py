@@ -210,9 +210,11 @@ def _grouped_experts(experts: nn.Module, backend: str | None) -> GroupedExperts:
 
 
 class SparseMoEBlock(nn.Module):
-    """An HF sparse MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) run on moe_kernels ops.
+    """An HF sparse MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) run on moe_kernels: the
+    block's own ``gate`` routes through ``top_k_decision`` / ``plan_decision``, its experts run as
+    a ``GroupedExperts`` (``self.experts``, HF's ``gate_up_proj`` / ``down_proj`` names and keys).
 
-    Keeps the block's ``gate`` (so HF's router-logit recording still sees it), ``experts`` and,
+    Keeps the block's ``gate`` (so HF's router-logit recording still sees it) and,
     for Qwen2-MoE, ``shared_expert`` / ``shared_expert_gate``. Returns what the original block
     returned: the hidden states (transformers >= 5) or ``(hidden, router_logits)`` (4.x).
     With ``capture=True`` every forward appends a :class:`RoutingCapture` to ``self.captured``;
