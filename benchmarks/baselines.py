@@ -1,4 +1,4 @@
-"""SwiGLU expert-layer implementations timed by ``benchmarks.gpu_layer``, and the plain-torch
+"""SwiGLU expert-layer implementations timed by ``benchmarks.layer_gpu``, and the plain-torch
 reference every one of them is checked against before it is timed.
 
 The layer (gating excluded): given the layer input ``x_TD`` and a routing decision (fp32 gate
@@ -15,8 +15,10 @@ their own by ``benchmarks.gpu_ops``).
 
 Implementations:
 
-- ``moe_kernels[<backend>]``: route -> dispatch -> grouped_mm x3 -> SwiGLU -> combine, the same
-  op sequence as ``MoE._experts`` (tests check they agree), backends forced by name or "auto";
+- ``moe_kernels[<backend>]``: ``route`` -> ``moe_kernels.GroupedExperts`` (the module the
+  ``MoE`` layer runs; tests check they agree) on the problem's own weight tensors, backends
+  forced by name or "auto"; the fused gather (first GEMMs reading token rows) per its
+  ``gather`` switch;
 - ``naive``: per expert, ``torch.where`` the (token, slot) pairs, three ``F.linear``, scale,
   ``index_add``;
 - ``torch_grouped_mm``: the composition used by torch-native trainers: stable argsort of the
@@ -97,11 +99,12 @@ def make_layer_problem(
         dtype
     )
     x = rand(case.T, s.D)
-    w1 = rand(s.E, s.F, s.D, scale=s.D**-0.5)
-    w3 = rand(s.E, s.F, s.D, scale=s.D**-0.5)
-    w2 = rand(s.E, s.D, s.F, scale=s.F**-0.5)
+    # Parameters, so GroupedExperts registers these very tensors (its gradients land on them).
+    w1 = torch.nn.Parameter(rand(s.E, s.F, s.D, scale=s.D**-0.5))
+    w3 = torch.nn.Parameter(rand(s.E, s.F, s.D, scale=s.D**-0.5))
+    w2 = torch.nn.Parameter(rand(s.E, s.D, s.F, scale=s.F**-0.5))
     dy = rand(case.T, s.D)
-    for t in (x, w, w1, w3, w2):
+    for t in (x, w):
         t.requires_grad_(True)
     return LayerProblem(x, w, e, w1, w3, w2, dy)
 
@@ -164,15 +167,18 @@ class LayerImpl:
         pass
 
 
-def moe_kernels_layer(p: LayerProblem, backend: str | None = None) -> torch.Tensor:
-    """The moe_kernels expert path on a given decision (the op sequence of ``MoE._experts``)."""
+def moe_kernels_experts(p: LayerProblem, backend=None, gather="auto") -> mk.GroupedExperts:
+    """``moe_kernels.GroupedExperts`` on the problem's weights (registered, not copied)."""
+    return mk.GroupedExperts.from_weights(
+        p.w1_EFD, p.w2_EDF, p.w3_EFD, activation="swiglu", gather=gather, backend=backend
+    )
+
+
+def moe_kernels_layer(p: LayerProblem, backend: str | None = None, experts=None) -> torch.Tensor:
+    """The moe_kernels expert path on a given decision: ``route`` then the layer's experts."""
+    experts = experts if experts is not None else moe_kernels_experts(p, backend)
     plan = mk.route(p.experts_TK, p.E, backend=backend)
-    xs = mk.dispatch(p.x_TD, plan, backend=backend)
-    off = plan.offsets_E1
-    h = F.silu(mk.grouped_mm(xs, p.w1_EFD.transpose(1, 2), off, backend=backend))
-    h = h * mk.grouped_mm(xs, p.w3_EFD.transpose(1, 2), off, backend=backend)
-    y = mk.grouped_mm(h.contiguous(), p.w2_EDF.transpose(1, 2), off, backend=backend)
-    return mk.combine(y, p.weights_TK, plan, backend=backend)
+    return experts(p.x_TD, plan, p.weights_TK)
 
 
 def _module(name: str):
@@ -185,13 +191,13 @@ def chosen_backends(p: LayerProblem) -> str:
     picks = []
     try:
         wt = p.w1_EFD.transpose(1, 2)
-        for op, mod, kw in (
-            ("route", "route", dict(experts=p.experts_TK, weights=None)),
-            ("dispatch", "dispatch", dict(x=p.x_TD, weights=None)),
-            ("grouped_mm", "grouped_mm", dict(x=p.x_TD, w=wt)),
-            ("combine", "combine", dict(y=p.x_TD, weights=p.weights_TK)),
+        for op, fn, kw in (
+            ("route", mk.route, dict(experts=p.experts_TK, weights=None)),
+            ("dispatch", mk.dispatch, dict(x=p.x_TD, weights=None)),
+            ("grouped_mm", mk.grouped_mm, dict(x=p.x_TD, w=wt)),
+            ("combine", mk.combine, dict(y=p.x_TD, weights=p.weights_TK)),
         ):
-            backends = _module(f"moe_kernels.ops.{mod}").BACKENDS
+            backends = _module(fn.__module__).BACKENDS  # the op's module, wherever it lives
             picks.append(f"{op}={B.select(op, backends, None, **kw).name}")
     except Exception as exc:  # selection internals changed: say so, do not fail the run
         return f"auto (selection unknown: {type(exc).__name__})"
@@ -201,15 +207,23 @@ def chosen_backends(p: LayerProblem) -> str:
 class MoeKernels(LayerImpl):
     group = "ours"
 
-    def __init__(self, backend: str) -> None:
+    def __init__(self, backend: str, gather: str | bool = "auto") -> None:
         self.backend = None if backend == "auto" else backend
+        self.gather = gather
         self.name = "moe_kernels" if backend == "auto" else f"moe_kernels[{backend}]"
+        self.experts = None
 
     def prepare(self, p):
+        self.experts = moe_kernels_experts(p, self.backend, self.gather)
         self.note = chosen_backends(p) if self.backend is None else f"forced {self.backend}"
+        if self.experts.use_gather():
+            self.note += "; fused gather"
 
     def forward(self, p):
-        return moe_kernels_layer(p, self.backend)
+        return moe_kernels_layer(p, self.backend, self.experts)
+
+    def release(self):
+        self.experts = None
 
 
 class NaiveLoop(LayerImpl):

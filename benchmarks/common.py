@@ -1,5 +1,5 @@
-"""Timing and table helpers shared by the CPU benchmarks (host clocks are fine on CPU; GPU
-benchmarks time with CUDA events instead)."""
+"""Timing, machine and table helpers shared by the benchmarks (host clocks are fine on CPU; GPU
+benchmarks time with CUDA events instead). Tables are ``moe_kernels.tables.markdown_table``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import statistics
 import time
 
 import torch
+
+# ``markdown_table`` is imported from here by the op benchmarks.
+from moe_kernels.tables import markdown_table
 
 
 def bench(fn, *, warmup: int = 2, reps: int = 7, min_time: float = 0.0) -> float:
@@ -40,11 +43,20 @@ def machine() -> str:
     )
 
 
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+CPU_LABEL = "CPU smoke, not a GPU figure"
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table of benchmark rows: 3 significant digits, "-" for a missing value."""
+    return markdown_table(header, [["-" if v is None else v for v in r] for r in rows], digits=3)
+
+
+def machine_line(info: dict) -> str:
+    """One line naming the device, the versions and the timer of a GPU benchmark result."""
+    return (
+        f"device: {info['device']}; torch {info['torch']}, CUDA {info['cuda']}, "
+        f"triton {info['triton']}, Python {info['python']}; timer: {info['timer']}"
+    )
 
 
 def write_json_atomic(path, obj) -> None:

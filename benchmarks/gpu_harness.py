@@ -1,5 +1,7 @@
-"""Shared parts of the GPU benchmarks (``benchmarks.gpu_layer``, ``benchmarks.gpu_ops``): named
-shapes, routing generation, the command line, timers, the correctness check and the targets.
+"""Shared parts of the GPU benchmarks (``benchmarks.layer_gpu``, ``benchmarks.gpu_ops``): named
+shapes, routing generation, the command line, timers and the machine description. The
+correctness checks live in ``benchmarks.gpu_checks`` and the targets in ``benchmarks.gpu_targets``;
+their names are re-exported here, so the scripts reach everything through this module.
 
 Shapes (bf16 by default), after the MoE layers they are named for:
 
@@ -19,13 +21,34 @@ CPU in seconds; its numbers check the harness, they are not GPU figures.
 from __future__ import annotations
 
 import argparse
-import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
-from benchmarks.common import bench, device_name, markdown_table, versions
+from benchmarks.common import (  # noqa: F401 (machine_line, table: re-exported for the scripts)
+    CPU_LABEL,
+    bench,
+    device_name,
+    machine_line,
+    table,
+    versions,
+)
+from benchmarks.gpu_checks import (  # noqa: F401 (re-exported for the scripts)
+    TOLERANCES,
+    compare,
+    error_status,
+    rel_errors,
+    unavailable_status,
+    wrong_status,
+)
+from benchmarks.gpu_targets import (  # noqa: F401 (re-exported for the scripts)
+    FINE_GRAINED,
+    Target,
+    evaluate_targets,
+    targets_json,
+    targets_table,
+)
 
 
 @dataclass(frozen=True)
@@ -49,12 +72,10 @@ SHAPES = {
         Shape("deepseek_fine", 256, 8, 2048, 512),
     )
 }
-FINE_GRAINED = ("olmoe", "qwen3_30b", "deepseek_fine")
 TOKENS = (8192, 32768)
 ROUTINGS = ("uniform", "skewed")
 SMOKE_DIV = 32
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-CPU_LABEL = "CPU smoke, not a GPU figure"
 
 
 def smoke_shape(s: Shape) -> Shape:
@@ -313,70 +334,7 @@ def copy_nbytes(device: torch.device, smoke: bool) -> int:
     return (32 if smoke or device.type != "cuda" else 1024) * 2**20
 
 
-# ---- correctness -------------------------------------------------------------------------------
-
-# (relative L2 error, largest error relative to the largest reference value) allowed per dtype
-# against the fp32 plain-torch reference.
-TOLERANCES = {
-    torch.bfloat16: (1.5e-2, 5e-2),
-    torch.float16: (3e-3, 1e-2),
-    torch.float32: (1e-4, 1e-3),
-}
-
-
-def rel_errors(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
-    a, b = actual.detach().double(), expected.detach().double()
-    if a.shape != b.shape:
-        return math.inf, math.inf
-    if not bool(torch.isfinite(a).all()):
-        return math.inf, math.inf
-    scale_l2 = float(b.norm()) or 1.0
-    scale_max = float(b.abs().max()) if b.numel() else 1.0
-    diff = a - b
-    return float(diff.norm()) / scale_l2, (float(diff.abs().max()) / (scale_max or 1.0))
-
-
-def compare(actual: dict, expected: dict, dtype: torch.dtype) -> tuple[bool, dict]:
-    """Compare named tensors; returns (all within tolerance, {name: [rel L2, rel max]})."""
-    tol_l2, tol_max = TOLERANCES[dtype]
-    errors, ok = {}, True
-    for name, ref in expected.items():
-        got = actual.get(name)
-        if got is None:
-            errors[name], ok = [math.inf, math.inf], False
-            continue
-        l2, mx = rel_errors(got, ref)
-        errors[name] = [l2, mx]
-        ok = ok and l2 <= tol_l2 and mx <= tol_max
-    return ok, errors
-
-
-def wrong_status(errors: dict, dtype: torch.dtype) -> str:
-    """``errors``: name -> [rel L2, rel max] (float comparison) or "equal"/"differs" (exact)."""
-    tol_l2, tol_max = TOLERANCES[dtype]
-    bad = []
-    for n, v in errors.items():
-        if isinstance(v, str):
-            if v != "equal":
-                bad.append(f"{n} {v}")
-        elif not (v[0] <= tol_l2 and v[1] <= tol_max):
-            bad.append(f"{n} rel err {v[0]:.2g}/{v[1]:.2g} (tolerance {tol_l2:g}/{tol_max:g})")
-    return f"WRONG ({'; '.join(bad)})"
-
-
-def error_status(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()
-    return f"ERROR: {type(exc).__name__}: {msg[0][:160] if msg else ''}"
-
-
-def unavailable_status(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    # NoBackendError lists "  backend: reasons" lines after a header; keep the reasons.
-    reasons = lines[1:] if len(lines) > 1 else lines
-    return "not available: " + " | ".join(reasons)[:200]
-
-
-# ---- machine and output ------------------------------------------------------------------------
+# ---- machine ---------------------------------------------------------------------------------
 
 
 def machine_info(device: torch.device, timer: Timer, smoke: bool) -> dict:
@@ -390,171 +348,3 @@ def machine_info(device: torch.device, timer: Timer, smoke: bool) -> dict:
     if device.type != "cuda":
         info["note"] = CPU_LABEL
     return info
-
-
-def machine_line(info: dict) -> str:
-    return (
-        f"device: {info['device']}; torch {info['torch']}, CUDA {info['cuda']}, "
-        f"triton {info['triton']}, Python {info['python']}; timer: {info['timer']}"
-    )
-
-
-def fmt(v, digits=3):
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if math.isinf(v) or math.isnan(v):
-            return str(v)
-        return f"{v:.{digits}g}"
-    return str(v)
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    return markdown_table(header, [[fmt(v) for v in r] for r in rows])
-
-
-# ---- targets -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Target:
-    name: str
-    goal: str  # e.g. ">= 1.15x"
-    source: str  # which script measures it: "layer" or "ops"
-    value: float | None = None
-    where: str = ""
-    status: str = "N/A"
-
-
-def _best_ours(rows: list[dict], **match) -> dict[tuple, dict]:
-    """Per case (shape, T, routing, pass[, op]) the fastest checked moe_kernels row."""
-    best = {}
-    for r in rows:
-        if r.get("group") != "ours" or r.get("status") != "ok" or r.get("ms") is None:
-            continue
-        if any(r.get(k) != v for k, v in match.items()):
-            continue
-        key = (r["shape"], r["T"], r["routing"], r.get("pass"), r.get("op"))
-        if key not in best or r["ms"] < best[key]["ms"]:
-            best[key] = r
-    return best
-
-
-def _find(rows, ref: dict, impl: str) -> dict | None:
-    for r in rows:
-        if (
-            r.get("impl") == impl
-            and r.get("status") == "ok"
-            and r.get("ms") is not None
-            and all(r.get(k) == ref.get(k) for k in ("shape", "T", "routing", "pass", "op"))
-        ):
-            return r
-    return None
-
-
-def _ratio_target(
-    t: Target, pairs: list[tuple[str, float]], at_least: float, missing: str, pct=False
-):
-    """Worst case of ``pairs`` (label, ratio) against ``at_least``; N/A (missing) without any."""
-    if not pairs:
-        t.status = f"N/A ({missing})"
-        return
-    where, v = min(pairs, key=lambda p: p[1])
-    t.value, t.where = v, f"worst: {where}"
-    f = (lambda x: f"{100 * x:.3g}%") if pct else (lambda x: f"{x:.3g}")
-    t.status = "met" if v >= at_least else f"shortfall ({f(v)} < {f(at_least)})"
-
-
-def _case_label(r: dict) -> str:
-    op = f"{r['op']} " if r.get("op") else ""
-    return f"{op}{r['shape']} T={r['T']} {r['routing']}"
-
-
-def _why_missing(rows: list[dict], impl: str, **match) -> str:
-    """Why no (ours, impl) pair was found: the first non-ok status of ``impl`` or of ours."""
-    sel = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
-    if not any(r["group"] == "ours" and r["status"] == "ok" for r in sel):
-        return "no checked moe_kernels rows"
-    base = [r for r in sel if r["impl"] == impl]
-    if not base:
-        return f"no {impl} rows"
-    bad = next((r["status"] for r in base if r["status"] != "ok"), None)
-    return f"{impl}: {bad}" if bad else f"no {impl} rows"
-
-
-def evaluate_targets(
-    layer_rows: list[dict] | None, memory_rows: list[dict] | None, ops_rows: list[dict] | None
-) -> list[Target]:
-    """The issue's targets from measured rows, each the worst case over the measured shapes,
-    token counts and routings (best moe_kernels backend per case); N/A when rows are missing."""
-    out = []
-    fwd = {"pass": "fwd"}
-    for name, goal, shapes, impl in (
-        ("grouped GEMM vs torch._grouped_mm, fine-grained shapes", 1.15, FINE_GRAINED,
-         "torch._grouped_mm"),
-        ("grouped GEMM vs dense GEMM at equal FLOPs, mixtral", 0.85, ("mixtral",), "dense mm"),
-    ):  # fmt: skip
-        t = Target(name, f">= {goal:g}x", "ops")
-        if ops_rows is not None:
-            pairs = []
-            for r in _best_ours(ops_rows, **fwd).values():
-                if r["op"].startswith("grouped_mm") and r["shape"] in shapes:
-                    base = _find(ops_rows, r, impl)
-                    if base:
-                        pairs.append((_case_label(r), base["ms"] / r["ms"]))
-            gmm = [r for r in ops_rows if r["op"].startswith("grouped_mm") and r["shape"] in shapes]
-            missing = _why_missing(gmm, impl, **fwd) if gmm else f"no {'/'.join(shapes)} rows"
-            _ratio_target(t, pairs, goal, missing)
-        out.append(t)
-    for impl, goal, label in (
-        ("torch_grouped_mm", 1.2, "torch._grouped_mm layer"),
-        ("megablocks", 1.5, "MegaBlocks dMoE"),
-    ):
-        t = Target(f"layer fwd+bwd vs {label}", f">= {goal:g}x", "layer")
-        if layer_rows is not None:
-            pairs = []
-            for r in _best_ours(layer_rows, **{"pass": "fwd+bwd"}).values():
-                base = _find(layer_rows, r, impl)
-                if base:
-                    pairs.append((_case_label(r), base["ms"] / r["ms"]))
-            missing = _why_missing(layer_rows, impl, **{"pass": "fwd+bwd"})
-            _ratio_target(t, pairs, goal, missing)
-        out.append(t)
-    for op in ("topk_gating", "route", "dispatch", "combine", "routing_histogram"):
-        t = Target(f"{op} bandwidth at T=32768, fraction of copy", ">= 75%", "ops")
-        if ops_rows is not None:
-            pairs = [
-                (_case_label(r), r["frac_copy"])
-                for r in _best_ours(ops_rows, op=op).values()
-                if r["T_nominal"] == 32768 and r.get("frac_copy") is not None
-            ]
-            _ratio_target(t, pairs, 0.75, "no checked moe_kernels rows at T=32768", pct=True)
-        out.append(t)
-    t = Target("activation memory vs torch._grouped_mm layer", "<= 1.0x", "layer")
-    if memory_rows is not None:
-        worst = None
-        for r in memory_rows:
-            if r.get("group") == "ours" and r.get("vs_torch_grouped_mm") is not None:
-                if worst is None or r["vs_torch_grouped_mm"] > worst[1]:
-                    worst = (f"{r['impl']} {_case_label(r)}", r["vs_torch_grouped_mm"])
-        if worst:
-            t.value, t.where = worst[1], f"worst: {worst[0]}"
-            t.status = "met" if worst[1] <= 1.0 else f"shortfall ({worst[1]:.3g} > 1)"
-        else:
-            t.status = "N/A (no checked moe_kernels and torch_grouped_mm memory rows)"
-    out.append(t)
-    for t in out:
-        if t.status == "N/A":
-            script = "gpu_layer" if t.source == "layer" else "gpu_ops"
-            t.status = f"N/A (measured by benchmarks.{script})"
-    return out
-
-
-def targets_table(targets: list[Target], smoke: bool) -> str:
-    title = "Targets" + (f" ({CPU_LABEL}: says nothing about the targets)" if smoke else "")
-    rows = [[t.name, t.goal, t.value, t.where, t.status] for t in targets]
-    return title + "\n\n" + table(["target", "goal", "measured", "where", "status"], rows)
-
-
-def targets_json(targets: list[Target]) -> list[dict]:
-    return [asdict(t) for t in targets]

@@ -3,15 +3,15 @@
 Run: ``pytest benchmarks/test_bench_cpu.py --benchmark-group-by=param:case``. Each C++ op is
 timed next to the plain-torch op chain it replaces, and the functional expert path next to the
 two ways users build it today and the dense FFN with the same active parameters. The tables in
-``benchmarks/RESULTS.md`` come from ``ops_cpu.py`` and ``expert_path_cpu.py``, which time the
-same functions.
+``benchmarks/RESULTS.md`` come from ``ops_cpu.py`` and ``layer_cpu.py``, which time the same
+functions.
 """
 
 import pytest
 import torch
 
 import moe_kernels as mk
-from benchmarks import expert_path_cpu as ep
+from benchmarks import layer_cpu as ep
 from benchmarks.ops_cpu import torch_combine, torch_gating, torch_route
 
 T, E, K, D, G = 8192, 64, 8, 1024, 8
@@ -63,7 +63,9 @@ def test_op(benchmark, inputs, case, impl):
 
 
 PATHS = {
-    "moe_kernels": ep.path_moe_kernels,
+    "moe_kernels": lambda x, router, gate_up, down, k: ep.path_moe_kernels(
+        x, router, ep.experts(gate_up, down), k
+    ),
     "naive_loop": ep.path_naive,
     "sort_grouped_mm": ep.path_grouped,
 }
@@ -81,6 +83,9 @@ def test_expert_path(benchmark, case, impl, mode):
             torch.randn(k * f, d).requires_grad_(True),
         ]
         fn = lambda: ep.path_dense(p[0], *dense)
+    elif impl == "moe_kernels":
+        ex = ep.experts(p[2], p[3])  # built once, like a layer's experts
+        fn = lambda: ep.path_moe_kernels(p[0], p[1], ex, k)
     else:
         fn = lambda: PATHS[impl](*p, k)
     if mode == "fwd":

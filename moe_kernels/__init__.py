@@ -3,12 +3,16 @@
 Ops (``moe_kernels.ops``): ``topk_gating``, ``route`` -> ``RoutingPlan``, ``dispatch``,
 ``grouped_mm``, ``combine``, ``routing_histogram``; each a ``torch.library`` custom op with a
 plain-torch reference and an ordered list of backends (cuda, triton, cpu, reference).
+
+Modules: ``MoE`` (the layer), ``GroupedExperts`` (its routed experts, usable on their own with
+any routing decision), ``moe_kernels.routers`` (one class per router kind), ``MoEConfig``.
 """
 
 from __future__ import annotations
 
 from moe_kernels import stats
 from moe_kernels.config import MoEConfig
+from moe_kernels.experts import GroupedExperts
 from moe_kernels.layer import MoE, aux_losses, share_router, update_routers
 from moe_kernels.ops import (
     NoBackendError,
@@ -34,6 +38,7 @@ def build_info() -> dict:
 
 
 __all__ = [
+    "GroupedExperts",
     "MoE",
     "MoEConfig",
     "aux_losses",

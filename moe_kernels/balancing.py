@@ -5,7 +5,7 @@ router scores s_t (softmax, or sigmoid normalised to sum 1 per token so that the
 of the Switch loss is 1 for both), ``experts_TK`` the selected set S_t (-1 = not selected, used by
 expert-choice routing for slots an expert did not take).
 
-Definitions follow ``shared/ROUTING.md``:
+Definitions follow ``docs/ROUTING.md``:
 
 - ``L_aux = E * sum_i f_i P_i`` with ``f_i = C_i / (k T)`` (no gradient) and ``P_i`` the mean score.
   Token-choice routers select exactly k experts per token, so ``sum_i C_i = k T`` and
@@ -73,6 +73,34 @@ def sequence_aux_loss(probs_BSE: torch.Tensor, experts_BSK: torch.Tensor) -> tor
     f = counts_BE / counts_BE.sum(-1, keepdim=True).clamp_min(1.0)
     P = probs_BSE.float().mean(1)
     return (E * (f * P).sum(-1)).mean()
+
+
+def scoped_aux_loss(
+    probs_TE: torch.Tensor,
+    selected_TK: torch.Tensor,
+    counts_E: torch.Tensor,
+    scope: str,
+    *,
+    seq_len: int,
+    state: BalanceState,
+    training: bool,
+) -> torch.Tensor:
+    """The Switch loss over the scope's token set (a scalar fp32 tensor).
+
+    ``sequence``: per sequence of ``seq_len`` tokens (T divisible by it), averaged over
+    sequences; ``global_batch`` in training: f from the counts of every micro-batch of the step on
+    all ranks so far (accumulated in ``state``); ``micro_batch`` (and ``global_batch`` in
+    evaluation, where there is no step to accumulate over): this micro-batch's ``counts_E``.
+    ``probs_TE`` (T, E) per-token distributions; ``selected_TK`` (T, K) selected ids (-1 = none).
+    """
+    if scope == "sequence":
+        E, K = probs_TE.shape[-1], selected_TK.shape[-1]
+        return sequence_aux_loss(
+            probs_TE.reshape(-1, seq_len, E), selected_TK.reshape(-1, seq_len, K)
+        )
+    if scope == "global_batch" and training:
+        return switch_aux_loss(probs_TE, state.accumulate_global(counts_E))
+    return switch_aux_loss(probs_TE, counts_E)
 
 
 def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:

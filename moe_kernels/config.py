@@ -10,7 +10,9 @@ Programs that expose the config (the testbed's command line, sweeps) read these 
 repeating them, so a new field or a new router kind shows up everywhere at once.
 
 Invalid values raise ``ValueError`` naming the field, the expected and the actual value, at
-construction and from :meth:`MoEConfig.validate` (call it after changing fields in place).
+construction and from :meth:`MoEConfig.validate` (call it after changing fields in place). Rules
+that belong to one router kind (the reference router's domain groups, which kinds the aux-free
+bias can steer) are the router class's ``check_config`` (``moe_kernels.routers``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from moe_kernels import balancing as bal
 from moe_kernels.activations import ACTIVATIONS
 from moe_kernels.ops import DROPS, SCORES
-from moe_kernels.routers import ROUTERS
+from moe_kernels.routers import ROUTER_CLASSES, ROUTERS
 
 
 def _field(default, help: str, choices: tuple | None = None):
@@ -100,20 +102,4 @@ class MoEConfig:
         n = self.shared_experts
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"shared_experts: expected an int >= 0, got {n!r}")
-        if self.router == "reference":
-            G = self.num_groups
-            if isinstance(G, bool) or not isinstance(G, int) or G < 1 or E % G:
-                raise ValueError(
-                    f"num_groups: router='reference' needs the number of domains G >= 1 with "
-                    f"num_experts % G == 0 (num_experts={E}), got {G!r}"
-                )
-            if k > E // G:
-                raise ValueError(
-                    f"top_k: router='reference' needs top_k <= num_experts / num_groups = "
-                    f"{E // G}, got {k}"
-                )
-        if self.balance == "aux_free" and self.router in ("hash", "expert_choice"):
-            raise ValueError(
-                f"balance: 'aux_free' biases a token-choice top-k selection; "
-                f"router={self.router!r} has none (use balance='none')"
-            )
+        ROUTER_CLASSES[self.router].check_config(self)  # the router kind's own rules

@@ -73,18 +73,10 @@ class RoutingStats:
         if labels_T is None:
             labels_T = torch.zeros(experts_TK.shape[0], dtype=torch.int64, device=experts_TK.device)
         labels_T = labels_T.reshape(-1).long()
-        # Naming the CPU backend skips the CUDA backend's build_info() probe, which torch.compile
-        # cannot trace (see ops/_backend.cuda_reasons).
-        backend = "cpu" if experts_TK.device.type == "cpu" else None
         routing_histogram(
-            experts_TK,
-            labels_T,
-            self.requested_GE,
-            weights_TK.detach(),
-            self.weight_sum_GE,
-            backend=backend,
+            experts_TK, labels_T, self.requested_GE, weights_TK.detach(), self.weight_sum_GE
         )
-        routing_histogram(kept_experts_TK, labels_T, self.kept_GE, backend=backend)
+        routing_histogram(kept_experts_TK, labels_T, self.kept_GE)
         with torch.no_grad():
             valid = (labels_T >= 0).to(torch.float64)
             p = balance_scores(scores_TE.detach(), score)

@@ -1,4 +1,4 @@
-"""The GPU benchmark harness (benchmarks.gpu_layer, benchmarks.gpu_ops) in --smoke mode on CPU:
+"""The GPU benchmark harness (benchmarks.layer_gpu, benchmarks.gpu_ops) in --smoke mode on CPU:
 every requested row is reported, every timed implementation agrees with the plain-torch
 reference, a wrong one is reported WRONG and not timed, and the activation-memory figures are
 what the implementations must save."""
@@ -22,7 +22,7 @@ import moe_kernels as mk
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 from benchmarks import baselines as bl  # noqa: E402
 from benchmarks import gpu_harness as H  # noqa: E402
-from benchmarks import gpu_layer, gpu_ops, gpu_targets  # noqa: E402
+from benchmarks import gpu_ops, gpu_targets, layer_gpu  # noqa: E402
 from benchmarks.common import write_json_atomic  # noqa: E402
 
 SMOKE = ["--smoke", "--device", "cpu", "--cpu-reps", "1"]
@@ -73,7 +73,7 @@ def test_ours_is_the_layer_expert_path():
 
 
 def test_smoke_tokens_stand_for_the_full_sizes():
-    cfg = H.resolve(gpu_layer.parse_args(["--smoke", "--device", "cpu", "--shapes", "olmoe"]))
+    cfg = H.resolve(layer_gpu.parse_args(["--smoke", "--device", "cpu", "--shapes", "olmoe"]))
     assert [(c.T, c.T_nominal) for c in cfg.cases if c.routing == "uniform"] == [
         (256, 8192),
         (1024, 32768),
@@ -84,7 +84,7 @@ def test_smoke_tokens_stand_for_the_full_sizes():
 
 def test_help_explains_the_options(capsys):
     with pytest.raises(SystemExit):
-        gpu_layer.parse_args(["--help"])
+        layer_gpu.parse_args(["--help"])
     text = capsys.readouterr().out
     for word in ("--smoke", "--json", "--baselines", "gating", "WRONG", "not installed", "Zipf"):
         assert word in text
@@ -105,7 +105,7 @@ LAYER_IMPLS = [
 def layer_json(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "layer.json"
     argv = SMOKE + ["--shapes", "olmoe", "mixtral", "--tokens", "128", "--json", str(out)]
-    return out, gpu_layer.main(argv)
+    return out, layer_gpu.main(argv)
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +214,7 @@ def test_wrong_or_failing_implementations_are_reported_not_timed(monkeypatch, tm
     argv = SMOKE + ["--shapes", "olmoe", "--routing", "uniform", "--tokens", "64"]
     argv += ["--backends", "auto", "--baselines", "torch_grouped_mm", "swapped_rows"]
     argv += ["no_gate_grad", "raises", "--json", str(tmp_path / "l.json")]
-    res = gpu_layer.main(argv)
+    res = layer_gpu.main(argv)
     by = {(r["impl"], r["pass"]): r for r in res["layer"]}
     for ps in ("fwd", "fwd+bwd"):
         assert by["torch_grouped_mm", ps]["status"] == "ok"

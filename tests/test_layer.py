@@ -195,3 +195,16 @@ def test_capacity_formula():
     dec = m.router(torch.randn(10, D))
     plan = m._plan(dec, 10)
     assert plan.num_rows == min(10 * 2, 4 * math.ceil(1.25 * 10 * 2 / 4))
+
+
+def test_expert_weights_live_in_grouped_experts_and_old_keys_load():
+    torch.manual_seed(0)
+    a = MoE(D, FF, 4, 2, expert_bias=True)
+    assert a.w1_EFD is a.experts.w1_EFD and "experts.w1_EFD" in a.state_dict()
+    # a checkpoint from before the experts moved into layer.experts: keys w1_EFD, b1_EF, ...
+    old = {k.removeprefix("experts."): v for k, v in a.state_dict().items()}
+    assert "w1_EFD" in old and "b2_ED" in old
+    b = MoE(D, FF, 4, 2, expert_bias=True)
+    b.load_state_dict(old)
+    x = torch.randn(6, D)
+    torch.testing.assert_close(b(x), a(x))

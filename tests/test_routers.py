@@ -91,6 +91,25 @@ def test_random_router_redrawn_each_step():
     assert torch.equal(other.router.weight_ED, w1)
 
 
+def test_random_router_state_dict_restores_weight_and_next_redraw(tmp_path):
+    m = make("random")
+    update_routers(m)
+    update_routers(m)  # two draws in
+    sd = m.state_dict()
+    assert sd["router.draws"].item() == 2 and "router.seed" in sd
+    torch.save(sd, tmp_path / "moe.pt")
+    torch.manual_seed(123)  # another seed: another weight until the state dict is loaded
+    other = MoE(D, F, E, K, router="random")
+    assert not torch.equal(other.router.weight_ED, m.router.weight_ED)
+    other.load_state_dict(torch.load(tmp_path / "moe.pt"))
+    assert torch.equal(other.router.weight_ED, m.router.weight_ED)
+    x, _, _ = inputs()
+    torch.testing.assert_close(other(x), m(x))
+    update_routers(m)
+    update_routers(other)
+    assert torch.equal(other.router.weight_ED, m.router.weight_ED)  # the next draw agrees too
+
+
 def test_hash_router_content_free_and_balanced():
     m = make("hash")
     x, _, ids = inputs()
@@ -158,6 +177,15 @@ def test_shared_router_reuses_first_layer_decision():
     assert layers[1].aux_loss.item() == 0.0 and layers[0].aux_loss.item() > 0
     assert not layers[1].router.weight_ED.requires_grad
     assert layers[0].router.weight_ED.grad.abs().sum() > 0
+
+
+def test_shared_router_references_the_owner_without_adopting_it():
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList(MoE(D, F, E, K, router="shared_router") for _ in range(3))
+    owner = share_router(layers)
+    assert all(m is not owner for f in layers[1:] for m in f.modules())  # not a submodule
+    assert set(layers[1].state_dict()) == set(owner.state_dict())  # no owner keys in followers
+    assert layers[1].router.follows is owner.router.publishes is layers[2].router.follows
 
 
 def test_shared_experts_add_a_dense_path():

@@ -7,11 +7,13 @@ Legend: T tokens, D hidden size, F expert hidden size, E experts, K top-k.
   ``moe_kernels.MoE`` whose experts all start as the dense weights (plus optional noise). With
   ``noise=0`` and renormalised gates the model computes exactly what it computed before.
 - :func:`convert_sparse_moe` replaces the sparse MoE blocks of Mixtral, Qwen2-MoE, Qwen3-MoE and
-  OLMoE with :class:`SparseMoEBlock`, which runs the block on ``topk_gating`` / ``route`` /
-  ``dispatch`` / ``grouped_mm`` / ``combine`` with the block's own parameters (shared, not
-  copied, for the fused ``gate_up_proj`` (E, 2F, D) / ``down_proj`` (E, D, F) layout of
-  transformers >= 5; stacked copies for the per-expert ``nn.ModuleList`` layout of 4.x), gives
-  the same outputs, and can capture the routing (``capture=True``) and feed ``moe_kernels.stats``.
+  OLMoE with :class:`SparseMoEBlock`, which routes with the block's own ``gate`` through the
+  token-choice code of ``moe_kernels.routers`` (``top_k_decision`` -> ``plan_decision``, i.e.
+  ``topk_gating`` -> ``route``, dropless) and runs the experts as a
+  ``moe_kernels.experts.GroupedExperts`` on the block's own parameters (shared, not copied, for
+  the fused ``gate_up_proj`` (E, 2F, D) / ``down_proj`` (E, D, F) layout of transformers >= 5;
+  stacked copies for the per-expert ``nn.ModuleList`` layout of 4.x), gives the same outputs,
+  and can capture the routing (``capture=True``) and feed ``moe_kernels.stats``.
 
 Nothing here imports ``transformers``: modules are recognised by their structure, so the same
 code serves every version that keeps these attribute names.
@@ -25,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_kernels.experts import GroupedExperts
 from moe_kernels.layer import MoE
-from moe_kernels.ops import combine, dispatch, grouped_mm, route, topk_gating
+from moe_kernels.routers import RouterDecision, plan_decision, top_k_decision
 
 # ---- upcycling -------------------------------------------------------------------------------
 
@@ -146,13 +149,14 @@ def upcycle(
         ref = w["w1"]
         moe.to(device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
+            ex = moe.experts
             pairs = [
-                (moe.w1_EFD, w["w1"]),
-                (moe.w3_EFD, w["w3"]),
-                (moe.w2_EDF, w["w2"]),
-                (moe.b1_EF, w["b1"]),
-                (moe.b3_EF, w["b3"]),
-                (moe.b2_ED, w["b2"]),
+                (ex.w1_EFD, w["w1"]),
+                (ex.w3_EFD, w["w3"]),
+                (ex.w2_EDF, w["w2"]),
+                (ex.b1_EF, w["b1"]),
+                (ex.b3_EF, w["b3"]),
+                (ex.b2_ED, w["b2"]),
             ]
             for dst, src in pairs:
                 if dst is None:
@@ -180,23 +184,37 @@ class RoutingCapture(NamedTuple):
     logits_TE: torch.Tensor
 
 
-class _StackedExperts(nn.Module):
-    """Per-expert ``nn.ModuleList`` experts (transformers 4.x) stacked into the fused layout."""
+def _grouped_experts(experts: nn.Module, backend: str | None) -> GroupedExperts:
+    """The block's experts as GroupedExperts: transformers >= 5's fused tensors shared as they
+    are; a 4.x per-expert ``nn.ModuleList`` stacked into that layout (a copy).
 
-    def __init__(self, experts: nn.ModuleList) -> None:
-        super().__init__()
+    Raises ValueError for an experts module with parameters the fused layout does not hold
+    (expert biases), which would otherwise be silently ignored."""
+    if isinstance(experts, nn.ModuleList):
         e0 = experts[0]
         names = ("w1", "w3", "w2") if hasattr(e0, "w1") else ("gate_proj", "up_proj", "down_proj")
         g, u, d = ([getattr(e, n).weight.detach() for e in experts] for n in names)
-        self.gate_up_proj = nn.Parameter(torch.cat([torch.stack(g), torch.stack(u)], 1))
-        self.down_proj = nn.Parameter(torch.stack(d))
-        self.act_fn = e0.act_fn
+        gate_up = nn.Parameter(torch.cat([torch.stack(g), torch.stack(u)], 1))
+        return GroupedExperts.from_fused(
+            gate_up, nn.Parameter(torch.stack(d)), e0.act_fn, backend=backend
+        )
+    extra = sorted({n for n, _ in experts.named_parameters()} - {"gate_up_proj", "down_proj"})
+    if extra:
+        raise ValueError(
+            f"model: expert parameters {extra} are not supported (expected gate_up_proj and "
+            "down_proj only)"
+        )
+    return GroupedExperts.from_fused(
+        experts.gate_up_proj, experts.down_proj, experts.act_fn, backend=backend
+    )
 
 
 class SparseMoEBlock(nn.Module):
-    """An HF sparse MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) run on moe_kernels ops.
+    """An HF sparse MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) run on moe_kernels: the
+    block's own ``gate`` routes through ``top_k_decision`` / ``plan_decision``, its experts run as
+    a ``GroupedExperts`` (``self.experts``, HF's ``gate_up_proj`` / ``down_proj`` names and keys).
 
-    Keeps the block's ``gate`` (so HF's router-logit recording still sees it), ``experts`` and,
+    Keeps the block's ``gate`` (so HF's router-logit recording still sees it) and,
     for Qwen2-MoE, ``shared_expert`` / ``shared_expert_gate``. Returns what the original block
     returned: the hidden states (transformers >= 5) or ``(hidden, router_logits)`` (4.x).
     With ``capture=True`` every forward appends a :class:`RoutingCapture` to ``self.captured``;
@@ -212,15 +230,14 @@ class SparseMoEBlock(nn.Module):
         super().__init__()
         self.gate = block.gate
         self.legacy = isinstance(block.gate, nn.Linear)  # transformers 4.x: gate is a Linear
-        experts = block.experts
-        self.experts = _StackedExperts(experts) if isinstance(experts, nn.ModuleList) else experts
+        self.experts = _grouped_experts(block.experts, backend)
         self.shared_expert = getattr(block, "shared_expert", None)
         self.shared_expert_gate = getattr(block, "shared_expert_gate", None)
         owner = block if self.legacy else block.gate
         self.top_k = int(owner.top_k)
         self.normalize = bool(getattr(owner, "norm_topk_prob", True))  # Mixtral always renormalises
         self.jitter = float(getattr(block, "jitter_noise", 0.0) or 0.0)
-        self.num_experts = self.experts.gate_up_proj.shape[0]
+        self.num_experts = self.experts.num_experts
         self.backend, self.capture = backend, capture
         self.captured: list[RoutingCapture] = []
         self.labels: torch.Tensor | None = None
@@ -240,36 +257,32 @@ class SparseMoEBlock(nn.Module):
         x_TD = hidden_states.reshape(-1, shape[-1]).contiguous()
         logits = self.gate(x_TD)
         logits = logits if self.legacy else logits[0]
-        logits_TE = logits.float().contiguous()
-        weights_TK, experts_TK = topk_gating(
-            logits_TE, self.top_k, normalize=self.normalize, backend=self.backend
+        # HF's routers: softmax in fp32, top-k, renormalised when norm_topk_prob; dropless.
+        dec = top_k_decision(
+            logits.float(), self.top_k, normalize=self.normalize, backend=self.backend
         )
-        plan = route(experts_TK, self.num_experts, backend=self.backend)
-        b, ex = self.backend, self.experts
-        x_ND = dispatch(x_TD, plan, backend=b)
-        h = grouped_mm(x_ND, ex.gate_up_proj.transpose(1, 2), plan.offsets_E1, backend=b)
-        g, u = h.chunk(2, dim=-1)
-        h = (ex.act_fn(g) * u).contiguous()
-        y = grouped_mm(h, ex.down_proj.transpose(1, 2), plan.offsets_E1, backend=b)
-        out = combine(y, weights_TK.to(x_TD.dtype), plan, backend=b)
+        plan = plan_decision(dec, self.num_experts, backend=self.backend)
+        out = self.experts(x_TD, plan, dec.weights_TK.to(x_TD.dtype))
         if self.shared_expert is not None:
             shared = self.shared_expert(x_TD)
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared
             out = out + shared
-        self._record(experts_TK, weights_TK, logits_TE)
+        self._record(dec)
         out = out.reshape(shape)
         return (out, logits) if self.legacy else out
 
-    def _record(self, experts_TK, weights_TK, logits_TE) -> None:
+    def _record(self, dec: RouterDecision) -> None:
         if self.capture:
             self.captured.append(
-                RoutingCapture(experts_TK.detach(), weights_TK.detach(), logits_TE.detach())
+                RoutingCapture(
+                    dec.experts_TK.detach(), dec.weights_TK.detach(), dec.logits_TE.detach()
+                )
             )
         if self._stats is not None:
             labels = self.labels.reshape(-1) if self.labels is not None else None
-            scores = torch.softmax(logits_TE.detach(), -1)
-            self._stats.record(experts_TK, experts_TK, weights_TK, scores, "softmax", labels)
+            e = dec.experts_TK
+            self._stats.record(e, e, dec.weights_TK, dec.scores_TE, "softmax", labels)
 
 
 def _is_sparse_block(m: nn.Module) -> bool:

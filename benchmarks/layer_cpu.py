@@ -1,14 +1,15 @@
-"""The functional expert path against the ways users build an MoE FFN today, on CPU.
+"""The MoE layer's expert path against the ways users build an MoE FFN today, on CPU.
 
-Paths (all include the router: logits, softmax top-k, renormalised weights; SwiGLU experts):
-- ``moe_kernels``: topk_gating -> route -> dispatch -> grouped_mm (w1|w3 fused) -> SwiGLU ->
-  grouped_mm -> combine;
+Paths (all include the router: logits, softmax top-k, renormalised weights; SwiGLU experts with
+HF-fused weights ``gate_up`` (E, 2F, D) and ``down`` (E, D, F)):
+- ``moe_kernels``: topk_gating -> route -> ``moe_kernels.GroupedExperts`` (the layer's experts:
+  dispatch -> grouped_mm (w1|w3 fused) -> SwiGLU -> grouped_mm -> combine);
 - ``naive loop``: per expert, nonzero() the tokens, index them, three mm, index_add_ back;
 - ``sort + _grouped_mm``: argsort the slots, gather, torch._grouped_mm x 2 (w1|w3 fused, w2),
   scale, index_add_ (the torchtitan-style composition);
 - ``dense``: a dense SwiGLU FFN with the same active parameters (hidden = k * F), the ceiling.
 
-Run: ``python -m benchmarks.expert_path_cpu``. Prints ms and GFLOP/s (useful FLOPs: 6 T D k F
+Run: ``python -m benchmarks.layer_cpu``. Prints ms and GFLOP/s (useful FLOPs: 6 T D k F
 forward, 3x that forward+backward) and ratios.
 """
 
@@ -20,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import moe_kernels as mk
-from benchmarks.common import bench, machine, markdown_table
+from benchmarks.common import bench, machine
+from moe_kernels.tables import markdown_table
 
 # Named shapes: (name, T, D, F, E, K)
 SHAPES = [
@@ -34,12 +36,14 @@ SHAPES = [
 
 
 def params(T, D, Fh, E, seed=0):
+    """x (T, D), router (D, E), gate_up (E, 2F, D), down (E, D, F); the weights are Parameters
+    (GroupedExperts registers them as they are)."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, D, generator=g)
-    router = torch.randn(D, E, generator=g) * D**-0.5
-    w13 = torch.randn(E, D, 2 * Fh, generator=g) * D**-0.5
-    w2 = torch.randn(E, Fh, D, generator=g) * Fh**-0.5
-    return [t.requires_grad_(True) for t in (x, router, w13, w2)]
+    x = torch.randn(T, D, generator=g).requires_grad_(True)
+    router = (torch.randn(D, E, generator=g) * D**-0.5).requires_grad_(True)
+    gate_up = torch.nn.Parameter(torch.randn(E, 2 * Fh, D, generator=g) * D**-0.5)
+    down = torch.nn.Parameter(torch.randn(E, D, Fh, generator=g) * Fh**-0.5)
+    return [x, router, gate_up, down]
 
 
 def gate(x, router, k):
@@ -48,35 +52,37 @@ def gate(x, router, k):
     return w / w.sum(-1, keepdim=True), e
 
 
-def path_moe_kernels(x, router, w13, w2, k):
+def experts(gate_up, down) -> mk.GroupedExperts:
+    """The layer's experts on these weights (shared, not copied)."""
+    return mk.GroupedExperts.from_fused(gate_up, down, "swiglu")
+
+
+def path_moe_kernels(x, router, ex: mk.GroupedExperts, k):
     w, e = mk.topk_gating(x @ router, k)
-    plan = mk.route(e, w13.shape[0])
-    xs = mk.dispatch(x, plan)
-    a, b = mk.grouped_mm(xs, w13, plan.offsets_E1).chunk(2, dim=-1)
-    return mk.combine(mk.grouped_mm(F.silu(a) * b, w2, plan.offsets_E1), w, plan)
+    return ex(x, mk.route(e, ex.num_experts), w)
 
 
-def path_naive(x, router, w13, w2, k):
+def path_naive(x, router, gate_up, down, k):
     w, e = gate(x, router, k)
     out = torch.zeros_like(x)
-    for ex in range(w13.shape[0]):
+    for ex in range(gate_up.shape[0]):
         tok, slot = (e == ex).nonzero(as_tuple=True)
         if tok.numel() == 0:
             continue
-        a, b = (x[tok] @ w13[ex]).chunk(2, dim=-1)
-        y = (F.silu(a) * b) @ w2[ex]
+        a, b = (x[tok] @ gate_up[ex].T).chunk(2, dim=-1)
+        y = (F.silu(a) * b) @ down[ex].T
         out = out.index_add(0, tok, y * w[tok, slot].unsqueeze(-1))
     return out
 
 
-def path_grouped(x, router, w13, w2, k):
+def path_grouped(x, router, gate_up, down, k):
     w, e = gate(x, router, k)
     flat = e.reshape(-1)
     order = torch.argsort(flat, stable=True)
     tok = order // k
-    offs = torch.cumsum(torch.bincount(flat, minlength=w13.shape[0]), 0).to(torch.int32)
-    a, b = torch._grouped_mm(x[tok], w13, offs=offs).chunk(2, dim=-1)
-    y = torch._grouped_mm(F.silu(a) * b, w2, offs=offs)
+    offs = torch.cumsum(torch.bincount(flat, minlength=gate_up.shape[0]), 0).to(torch.int32)
+    a, b = torch._grouped_mm(x[tok], gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+    y = torch._grouped_mm(F.silu(a) * b, down.transpose(1, 2), offs=offs)
     return torch.zeros_like(x).index_add(0, tok, y * w.reshape(-1)[order].unsqueeze(-1))
 
 
@@ -92,12 +98,13 @@ def run_shape(name, T, D, Fh, E, K, reps):
         (torch.randn(D, 2 * K * Fh, generator=g) * D**-0.5).requires_grad_(True),
         (torch.randn(K * Fh, D, generator=g) * (K * Fh) ** -0.5).requires_grad_(True),
     ]
+    ex = experts(p[2], p[3])
     ref = path_naive(*p, K)
-    for fn in (path_moe_kernels, path_grouped):
-        torch.testing.assert_close(fn(*p, K), ref, atol=2e-3, rtol=2e-3)
+    for out in (path_moe_kernels(p[0], p[1], ex, K), path_grouped(*p, K)):
+        torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
     flops = 6 * T * D * K * Fh
     impls = {
-        "moe_kernels": lambda: path_moe_kernels(*p, K),
+        "moe_kernels": lambda: path_moe_kernels(p[0], p[1], ex, K),
         "naive loop": lambda: path_naive(*p, K),
         "sort+_grouped_mm": lambda: path_grouped(*p, K),
         "dense (same active)": lambda: path_dense(p[0], *dense),
@@ -144,9 +151,9 @@ def main() -> None:
     for s in SHAPES:
         if s[0] in args.shapes:
             rows += run_shape(*s, reps=args.reps)
-            print(markdown_table(HEADER, rows[-2:]), flush=True)
+            print(markdown_table(HEADER, rows[-2:], digits=3), flush=True)
     print(f"\nmachine: {machine()}\n")
-    print(markdown_table(HEADER, rows))
+    print(markdown_table(HEADER, rows, digits=3))
 
 
 HEADER = [

@@ -1,6 +1,6 @@
 """Training-step time of a preset with routing statistics on vs off, and tokens/s.
 
-    python benchmarks/bench_train_step.py [--preset tiny] [--steps 30] [--repeats 5]
+    python -m benchmarks.train_cpu [--preset tiny] [--steps 30] [--repeats 5]
 
 One step = forward + cross-entropy + aux losses, backward, AdamW step, update_routers; with
 statistics on, the MoE layers record counts every forward and the host reads them every 10

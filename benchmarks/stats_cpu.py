@@ -7,7 +7,7 @@ both ways, interleaving the two so drift affects both equally, and prints the me
 the overhead in percent, plus the time of the statistics update alone relative to a step.
 CPU host clocks are fine here (the work is synchronous); a GPU run would need CUDA events.
 
-Run: ``python benchmarks/bench_stats_overhead.py [--reps 30]``.
+Run: ``python -m benchmarks.stats_cpu [--reps 30]``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import time
 import torch
 
 from moe_kernels import MoE, aux_losses, stats
+from moe_kernels.tables import markdown_table
 
 # (name, T tokens, d_model, d_ff, E, k): small testbed shapes that run in seconds on a laptop CPU.
 SHAPES = [
@@ -86,18 +87,16 @@ def main() -> None:
         f"# stats overhead, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), median of {args.reps}"
     )
-    print(
-        "| shape | T | D | F | E | k | stats off (ms) | stats on (ms) | overhead | "
-        "record only (ms) | record / step |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
     for shape in SHAPES:
         off, on, rec = measure(shape, args.reps, args.groups)
-        name, T, D, F, E, k = shape
-        print(
-            f"| {name} | {T} | {D} | {F} | {E} | {k} | {off:.2f} | {on:.2f} | "
-            f"{100 * (on - off) / off:+.1f}% | {rec:.3f} | {100 * rec / off:.2f}% |"
-        )
+        overhead, share = f"{100 * (on - off) / off:+.1f}%", f"{100 * rec / off:.2f}%"
+        rows.append([*shape, off, on, overhead, rec, share])
+    print(markdown_table(HEADER, rows, digits=3))
+
+
+HEADER = ["shape", "T", "D", "F", "E", "k", "stats off (ms)", "stats on (ms)", "overhead"]
+HEADER += ["record only (ms)", "record / step"]
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The whole SwiGLU expert layer, forward and forward+backward, against the ways it is built
 today, with FLOP and memory ceilings.
 
-Run: ``python -m benchmarks.gpu_layer [--shapes ...] [--tokens ...] [--json OUT]`` on a GPU, or
-``python -m benchmarks.gpu_layer --smoke`` anywhere (CPU: checks the harness, no GPU figures).
+Run: ``python -m benchmarks.layer_gpu [--shapes ...] [--tokens ...] [--json OUT]`` on a GPU, or
+``python -m benchmarks.layer_gpu --smoke`` anywhere (CPU: checks the harness, no GPU figures).
 
 What is timed (gating excluded): from the layer input and a fixed routing decision (fp32 gate
 weights, int32 expert ids) to the layer output, i.e. building the row layout, gather, three
@@ -11,8 +11,10 @@ gate weights and the three expert weights. The router projection and top-k gatin
 for every implementation and are timed by ``benchmarks.gpu_ops``. ``fwd`` runs under
 ``torch.no_grad()``; ``fwd+bwd`` is one forward plus ``backward`` of a fixed random gradient.
 
-Rows (see ``benchmarks.baselines``): ``moe_kernels`` (automatic backend selection; the note says
-which backend each op got), ``moe_kernels[cuda]``, ``moe_kernels[triton]`` (forced); baselines
+Rows (see ``benchmarks.baselines``): ``moe_kernels`` (``moe_kernels.GroupedExperts``, the
+layer's own experts, with automatic backend selection; the note says which backend each op
+got), ``moe_kernels[cuda]``, ``moe_kernels[triton]`` (forced; with ``--gather auto`` the Triton
+row runs the fused gather, the note says so); baselines
 ``naive`` (per-expert loop), ``torch_grouped_mm`` (argsort + gather + torch._grouped_mm x3 +
 scatter_add), ``megablocks`` and ``scattermoe`` (only when they import); ceilings ``dense`` (a
 dense SwiGLU FFN with hidden k*F: equal FLOPs in plain cuBLAS GEMMs) and a device copy (GB/s).
@@ -42,11 +44,12 @@ from benchmarks.common import write_json_atomic
 PASSES = ("fwd", "fwd+bwd")
 CEILINGS = ("dense",)
 DEFAULT_BASELINES = [*bl.BASELINES, *CEILINGS]
+GATHER = {"auto": "auto", "on": True, "off": False}  # --gather -> GroupedExperts(gather=...)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.gpu_layer",
+        prog="python -m benchmarks.layer_gpu",
         description=__doc__,
         epilog=H.COMMON_HELP
         + "\nlayer options\n"
@@ -56,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         + '                       scattermoe print "not installed" when absent).\n'
         + "  --passes P...        fwd, fwd+bwd (default both).\n"
         + "  --megablocks-impl    sparse (default, block-sparse dMoE) or grouped.\n"
+        + "  --gather             the experts' fused gather (first GEMMs read token rows):\n"
+        + "                       auto (default: on for the forced triton row), on, off.\n"
         + "  --no-memory          skip the activation-memory measurement.\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -64,6 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
     p.add_argument("--megablocks-impl", choices=["sparse", "grouped"], default="sparse")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--gather", choices=list(GATHER), default="auto")
     args = p.parse_args(argv)
     unknown = [b for b in args.baselines if b not in bl.BASELINES and b not in CEILINGS]
     if unknown:
@@ -72,7 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_impls(args) -> list[bl.LayerImpl]:
-    impls: list[bl.LayerImpl] = [bl.MoeKernels(b) for b in dict.fromkeys(args.backends)]
+    gather = GATHER[args.gather]
+    impls: list[bl.LayerImpl] = [bl.MoeKernels(b, gather) for b in dict.fromkeys(args.backends)]
     for name in args.baselines:
         if name == "megablocks":
             impls.append(bl.MegaBlocksDMoE(args.megablocks_impl))
@@ -325,7 +332,7 @@ def main(argv=None) -> dict:
     print()
     print(H.targets_table(targets, cfg.smoke or cfg.device.type != "cuda"))
     result = {
-        "benchmark": "gpu_layer",
+        "benchmark": "layer_gpu",
         "machine": info,
         "args": vars(args),
         "gating": "excluded (routing decision is an input; see module docstring)",
