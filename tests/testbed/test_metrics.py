@@ -251,7 +251,7 @@ def test_other_errors():
 def test_summarize_names_and_means():
     stack = np.stack([C, np.ones_like(C)])
     kept = np.stack([C, np.ones_like(C) - np.eye(2, 4, dtype=int)])
-    out = m.summarize(stack, kept_LDE=kept, scope="global_batch", prefix="val/")
+    out = m.summarize(stack, kept_LDE=kept, scope="global_batch", split="val")
     assert out["val/layer0/max_violation@global_batch"] == pytest.approx(1.0)
     assert out["val/layer1/max_violation@global_batch"] == pytest.approx(0.0)
     assert out["val/all/max_violation@global_batch"] == pytest.approx(0.5)
