@@ -44,6 +44,7 @@ from moe_testbed.rundir import RunDir, last_values
 __all__ = ["make_report", "compare", "counts_summary"]
 
 EVAL_SCOPE = names.EVAL
+_LOSS, _VAL_LOSS = names.name("loss"), names.name("loss", split="val")
 _TABLE_ORDER = (
     "utilization",
     "load_entropy",
@@ -266,20 +267,20 @@ def _mean_std(values: list[float]) -> str:
 
 
 def _column_key(name: str) -> tuple:
-    if name == "val/loss":
+    parsed = names.parse(name)
+    if name == _VAL_LOSS:
         return (0, name)
-    if name.startswith("val/"):
+    if parsed.split == "val":
         return (1, name)
-    if name == "loss":
+    if name == _LOSS:
         return (2, name)
     rank = {m: i for i, m in enumerate(_TABLE_ORDER)}
-    parsed = names.parse(name)
     return (3, parsed.kept, rank.get(parsed.metric, 99), name)
 
 
 def _curves(rd: RunDir, records: list[dict[str, Any]]) -> dict[str, tuple[list, list]]:
     curves: dict[str, tuple[list, list]] = {}
-    for key in ("val/loss", "loss"):
+    for key in (_VAL_LOSS, _LOSS):
         points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
         if points:
             curves[key] = tuple(map(list, zip(*points)))
@@ -337,7 +338,7 @@ def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -
     md_path.write_text(f"# Run comparison\n\n{note}\n\n" + markdown_table(header, body) + "\n")
     paths = [md_path]
     curves = [
-        ("val/loss", "compare_loss.png", "validation loss (nats/token)", "Validation loss"),
+        (_VAL_LOSS, "compare_loss.png", "validation loss (nats/token)", "Validation loss"),
         ("utilization", "compare_utilization.png", "utilization", "Utilization (eval counts)"),
         (
             "specialization_score",
@@ -348,8 +349,8 @@ def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -
     ]
     images = []
     for curve, name, ylabel, title in curves:
-        if curve == "val/loss" and not any(
-            "val/loss" in r["curves"] for g in labelled.values() for r in g
+        if curve == _VAL_LOSS and not any(
+            _VAL_LOSS in r["curves"] for g in labelled.values() for r in g
         ):
             curve, ylabel, title = "loss", "training loss (nats/token)", "Training loss"
         path = plots.plot_overlay(
