@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_kernels import aux_losses, stats, update_routers
-from moe_testbed.config import MoESettings
+from moe_testbed.config import default_moe
 from moe_testbed.model import MoETransformer
 from moe_testbed.presets import get_preset
 
@@ -64,7 +64,7 @@ def main() -> None:
     torch.manual_seed(0)
     m = get_preset(args.preset)
     m.vocab_size = args.vocab
-    model = MoETransformer(m, MoESettings()).to(device)
+    model = MoETransformer(m, default_moe()).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = [
         (

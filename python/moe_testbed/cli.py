@@ -1,27 +1,37 @@
-"""The ``moe-testbed`` command line: ``train``, ``demo``, ``data ...`` and ``report ...``.
+"""The ``moe-testbed`` command line: ``train``, ``demo``, ``report``, ``compare``, ``data ...``.
 
-``train`` takes one flag per config field (``moe-testbed train --help`` lists them), a
-``--config`` file and a ``--preset``; flags override the file, the file overrides the preset.
-The data and report subcommands come from their modules; a module that fails to import leaves
-its subcommand out rather than breaking the rest of the CLI.
+``train`` takes one flag per config field (``moe-testbed train --help`` lists them, with the
+help text of each field), a ``--config`` file and a ``--preset``; flags override the file, the
+file overrides the preset. The data subcommands come from ``moe_testbed.data.cli``; if that
+module fails to import, its subcommands are left out rather than breaking the rest of the CLI.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+from typing import Any
 
 from moe_testbed import __version__
 from moe_testbed.config import add_config_flags, resolve
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from moe_testbed.logging import require_tensorboard
     from moe_testbed.train import train
 
     try:
         cfg = resolve(args)
     except (ValueError, FileNotFoundError) as e:
         args._parser.error(str(e))
+    if cfg.train.tensorboard:
+        try:
+            require_tensorboard()
+        except ImportError as e:
+            print(f"moe-testbed train: {e}", file=sys.stderr)
+            return 2
     out = args.out or f"runs/{cfg.preset}-{cfg.moe.router}-{cfg.moe.balance}-{cfg.moe.scope}"
     train(cfg, out, resume=not args.no_resume)
     return 0
@@ -32,6 +42,50 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(args.out, steps=args.steps, data_dir=args.data_dir)
     return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from moe_testbed.report import make_report
+
+    try:
+        paths = make_report(args.run_dir)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"moe-testbed report: {err}", file=sys.stderr)
+        return 2
+    for p in paths:
+        print(p)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from moe_testbed.report import compare
+
+    parents = [os.path.dirname(os.path.abspath(d)) for d in args.run_dirs]
+    out = args.out or Path(os.path.commonpath(parents)) / "compare"
+    try:
+        paths = compare(args.run_dirs, out)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"moe-testbed compare: {err}", file=sys.stderr)
+        return 2
+    for p in paths:
+        print(p)
+    return 0
+
+
+def add_report_subcommands(subparsers: Any) -> None:
+    """Register ``report RUN_DIR`` and ``compare RUN_DIR... [--out DIR]``.
+
+    Each parser sets ``func`` (``args.func(args) -> int`` exit code).
+    """
+    p = subparsers.add_parser("report", help="plots, report.html and summary.md of one run")
+    p.add_argument("run_dir", help="run directory (config.json, metrics.jsonl, counts/)")
+    p.set_defaults(func=_cmd_report)
+    c = subparsers.add_parser("compare", help="final-metric table and curves across runs")
+    c.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    c.add_argument(
+        "--out", default=None, help="output directory (default: <common parent>/compare)"
+    )
+    c.set_defaults(func=_cmd_compare)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,12 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_data_subcommands(sub)
-    try:
-        from moe_testbed.report import add_report_subcommands
-    except ImportError:
-        pass
-    else:
-        add_report_subcommands(sub)
+    add_report_subcommands(sub)
     return parser
 
 

@@ -1,8 +1,8 @@
-"""Typed run configuration: model, MoE routing, data and training settings.
+"""Typed run configuration: model, MoE routing, data and training settings, and the presets.
 
 One ``RunConfig`` describes a run. It is built in three layers, later ones winning:
 
-1. the preset (``presets.PRESETS[name]``) for the model sizes,
+1. the preset (``PRESETS[name]``) for the model sizes,
 2. a YAML or JSON file (``--config run.yaml``), nested by section::
 
        preset: tiny
@@ -11,9 +11,12 @@ One ``RunConfig`` describes a run. It is built in three layers, later ones winni
 
 3. command-line flags, one per field (``--router``, ``--steps``, ``--d-model`` ...).
 
-Every field of every section is reachable from both the file and the flags; flag names are the
-field names with dashes, unique across sections. The resolved config is written to the run
-directory as ``config.json`` and loads back to an equal ``RunConfig``.
+The ``moe`` section is ``moe_kernels.MoEConfig`` itself (definitions in ``docs/ROUTING.md``).
+Every field of every section carries ``metadata={"help": ..., "choices": ...}``; the flags, their
+help and the accepted values come from there, so a new field shows up everywhere at once. Every
+field is reachable from both the file and the flags; flag names are the field names with dashes,
+unique across sections. The resolved config is written to the run directory as ``config.json``
+and loads back to an equal ``RunConfig``.
 """
 
 from __future__ import annotations
@@ -25,89 +28,94 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Union
 
-Router = Literal[
-    "learned", "frozen", "random", "hash", "reference", "expert_choice", "sequence", "shared_router"
-]
-Scope = Literal["sequence", "micro_batch", "global_batch"]
+from moe_kernels import MoEConfig
+
+
+def _field(default: Any, help: str, choices: tuple | None = None) -> Any:
+    metadata: dict[str, Any] = {"help": help}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class ModelConfig:
     """Decoder-only transformer sizes. ``vocab_size=0`` takes the tokenizer's vocabulary."""
 
-    vocab_size: int = 0
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    d_ff_expert: int = 128
-    d_ff_dense: int = 512  # hidden size of the dense FFN in layers without MoE (moe_every > 1)
-    moe_every: int = 1  # every n-th layer (counting from the last) is an MoE layer
-    seq_len: int = 128
-    tie_embeddings: bool = True
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    vocab_size: int = _field(0, "vocabulary size; 0 = the tokenizer's")
+    d_model: int = _field(128, "model width D")
+    n_layers: int = _field(4, "transformer blocks")
+    n_heads: int = _field(4, "attention heads (d_model / n_heads must be even)")
+    d_ff_expert: int = _field(128, "hidden size F of every expert")
+    d_ff_dense: int = _field(512, "hidden size of the dense FFN in layers without MoE")
+    moe_every: int = _field(1, "every n-th block, counting from the last, has an MoE FFN")
+    seq_len: int = _field(128, "tokens per training sequence (context length)")
+    tie_embeddings: bool = _field(True, "share the input embedding and output projection")
+    rope_theta: float = _field(10000.0, "rotary embedding base")
+    norm_eps: float = _field(1e-5, "RMSNorm epsilon")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block ``layer`` (0-based) has an MoE FFN: every ``moe_every``-th block counting
+        from the last, so with ``moe_every=2`` the last block is MoE, as in many MoE models."""
+        return (self.n_layers - 1 - layer) % self.moe_every == 0
 
 
-@dataclass
-class MoESettings:
-    """The ``moe_kernels.MoEConfig`` fields (shared/ROUTING.md)."""
+def default_moe(**overrides: Any) -> MoEConfig:
+    """The testbed's ``MoEConfig``: the layer's defaults except ``scope="global_batch"``.
 
-    router: Router = "learned"
-    score: Literal["softmax", "sigmoid"] = "softmax"
-    top_k: int = 2
-    num_experts: int = 8
-    normalize: bool = True
-    jitter: float = 0.0
-    balance: Literal["aux", "aux_free", "none"] = "aux"
-    scope: Scope = "global_batch"
-    aux_coef: float = 0.01
-    z_coef: float = 1e-3
-    bias_rate: float = 1e-3
-    bias_rule: Literal["sign", "mean_centred"] = "sign"
-    capacity_factor: float | None = None
-    drop: Literal["position", "score"] = "position"
-    num_groups: int | None = None
-    shared_experts: int = 0
-    activation: Literal["swiglu", "gelu"] = "swiglu"
+    The testbed balances over the whole optimizer step by default: one micro-batch holds only a
+    few domains, and balancing each micro-batch on its own pushes every domain onto every
+    expert, which suppresses the specialization the testbed measures (``docs/ROUTING.md``,
+    "Balancing scope"). The layer keeps ``micro_batch`` as its own default because a layer used
+    alone knows nothing of the optimizer step. ``overrides`` set any other field.
+    """
+    return MoEConfig(**{"scope": "global_batch", **overrides})
 
 
 @dataclass
 class DataConfig:
     """Where tokens come from. ``data_dir=None`` uses the sample shipped in the package."""
 
-    data_dir: str | None = None  # "synthetic" = generated domains (tests, benchmarks)
-    domains: str | None = None  # comma-separated subset of the corpus's domains; None = all
-    tokenizer_vocab: int = 4096
-    eval_batches: int = 2  # validation batches per domain at each eval
+    data_dir: str | None = _field(
+        None, "corpus directory, 'prepared', 'synthetic' (generated domains); None = the sample"
+    )
+    domains: str | None = _field(None, "comma-separated subset of the corpus's domains; None = all")
+    tokenizer_vocab: int = _field(4096, "vocabulary size of the byte-level BPE tokenizer")
+    eval_batches: int = _field(2, "validation micro-batches per domain at each evaluation")
 
 
 @dataclass
 class TrainConfig:
     """Optimisation, schedule, logging and checkpointing."""
 
-    steps: int = 200
-    micro_batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    seed: int = 0
-    deterministic: bool = False
-    compile: bool = False
-    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
-    device: str = "auto"
-    log_every: int = 10
-    eval_every: int = 50
-    ckpt_every: int = 50
-    stats: bool = True
-    probes: bool = True
-    progress: bool = True
+    steps: int = _field(200, "optimizer steps")
+    micro_batch_size: int = _field(16, "sequences per micro-batch (per rank)")
+    grad_accum: int = _field(1, "micro-batches per optimizer step (gradient accumulation)")
+    lr: float = _field(3e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = _field(0.1, "final learning rate of the cosine decay, relative to lr")
+    warmup_steps: int = _field(20, "linear warmup steps")
+    weight_decay: float = _field(0.1, "AdamW weight decay (matrices only)")
+    beta1: float = _field(0.9, "AdamW beta1")
+    beta2: float = _field(0.95, "AdamW beta2")
+    grad_clip: float = _field(1.0, "clip the gradient norm to this; 0 = off")
+    seed: int = _field(0, "seed of initialisation, data order and every RNG")
+    deterministic: bool = _field(False, "torch.use_deterministic_algorithms(True)")
+    compile: bool = _field(False, "torch.compile the model")
+    dtype: str = _field(
+        "auto", "compute dtype: auto = bf16 autocast on GPU, fp32 on CPU", ("auto", "fp32", "bf16")
+    )
+    device: str = _field("auto", "torch device (cpu, cuda, cuda:1, ...); auto = GPU if any")
+    log_every: int = _field(10, "log training metrics every n steps; 0 = off")
+    eval_every: int = _field(50, "evaluate (validation loss, routing counts, probes) every n steps")
+    ckpt_every: int = _field(50, "write a checkpoint every n steps; 0 = off")
+    stats: bool = _field(True, "collect on-device routing statistics")
+    probes: bool = _field(True, "run the routing probes at evaluations")
+    progress: bool = _field(True, "show a progress bar")
+    tensorboard: bool = _field(
+        False, "also write every metric to OUT/tensorboard (extra: moe-testbed[tensorboard])"
+    )
 
 
 @dataclass
@@ -116,7 +124,7 @@ class RunConfig:
 
     preset: str = "tiny"
     model: ModelConfig = field(default_factory=ModelConfig)
-    moe: MoESettings = field(default_factory=MoESettings)
+    moe: MoEConfig = field(default_factory=default_moe)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -128,31 +136,52 @@ class RunConfig:
         """Build from a nested dict; unknown keys and bad values raise ValueError."""
         cfg = cls(preset=str(d.get("preset", "tiny")))
         apply_overrides(cfg, d, origin="config")
+        validate(cfg)
         return cfg
 
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
-    "moe": MoESettings,
+    "moe": MoEConfig,
     "data": DataConfig,
     "train": TrainConfig,
 }
 
+# ----------------------------------------------------------------------------- presets
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+# One MoE family: E=8 routed experts, top-2, expert width = d_model (see moe_testbed.presets for
+# the parameter counts of each).
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(d_model=128, n_layers=4, n_heads=4, d_ff_expert=128, d_ff_dense=512),
+    "small": ModelConfig(d_model=256, n_layers=6, n_heads=4, d_ff_expert=256, d_ff_dense=1024),
+    "base": ModelConfig(
+        d_model=384, n_layers=8, n_heads=6, d_ff_expert=384, d_ff_dense=1536, seq_len=256
+    ),
+    "large": ModelConfig(
+        d_model=512, n_layers=11, n_heads=8, d_ff_expert=512, d_ff_dense=2048, seq_len=256
+    ),
+}
 
 
-def _convert(value: Any, tp: Any, name: str) -> Any:
+def get_preset(name: str) -> ModelConfig:
+    """A fresh copy of the named preset. Raises ValueError listing the presets."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])
+
+
+# ----------------------------------------------------------------------------- values
+
+
+def _convert(value: Any, tp: Any, name: str, choices: tuple | None = None) -> Any:
     """Check/convert one value to the field type ``tp``; raise ValueError naming the field."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        return _convert(value, args[0], name)
-    if origin is Literal:
-        choices = typing.get_args(tp)
+        return _convert(value, args[0], name, choices)
+    if choices is not None:
         if value not in choices:
             raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
         return value
@@ -177,8 +206,18 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
     raise TypeError(f"unsupported config type {tp} for {name}")
 
 
+def _fields(cls: type) -> dict[str, tuple[Any, dataclasses.Field]]:
+    """Field name -> (resolved type, field) of a config section."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: (hints[f.name], f) for f in dataclasses.fields(cls)}
+
+
 def apply_overrides(cfg: RunConfig, d: dict[str, Any], origin: str = "config") -> RunConfig:
-    """Set the fields named in the nested dict ``d`` on ``cfg`` (in place), validating each."""
+    """Set the fields named in the nested dict ``d`` on ``cfg`` (in place), converting each.
+
+    Raises ValueError naming the section/field for unknown keys and bad values. Cross-field
+    checks are :func:`validate`'s (call it once all overrides are in).
+    """
     for key, value in d.items():
         if key == "preset":
             cfg.preset = str(value)
@@ -190,13 +229,14 @@ def apply_overrides(cfg: RunConfig, d: dict[str, Any], origin: str = "config") -
         if not isinstance(value, dict):
             raise ValueError(f"{origin}: section {key!r} must be a mapping, got {value!r}")
         section = getattr(cfg, key)
-        hints = _hints(type(section))
+        known = _fields(type(section))
         for name, v in value.items():
-            if name not in hints:
+            if name not in known:
                 raise ValueError(
-                    f"{origin}: unknown field {key}.{name}; fields of {key}: {sorted(hints)}"
+                    f"{origin}: unknown field {key}.{name}; fields of {key}: {sorted(known)}"
                 )
-            setattr(section, name, _convert(v, hints[name], f"{key}.{name}"))
+            tp, f = known[name]
+            setattr(section, name, _convert(v, tp, f"{key}.{name}", f.metadata.get("choices")))
     return cfg
 
 
@@ -238,36 +278,36 @@ def _flag(name: str) -> str:
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field (default: not given), plus ``--config`` and ``--preset``."""
+    """One flag per config field (default: not given), plus ``--config`` and ``--preset``.
+
+    Help text and choices come from each field's metadata; the default shown is the field's
+    (the preset's model sizes apply on top, see ``PRESETS``).
+    """
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON run config")
-    parser.add_argument("--preset", help="model size preset (tiny, small, base, large)")
+    parser.add_argument(
+        "--preset", help=f"model size preset, one of {', '.join(PRESETS)} (default tiny)"
+    )
+    defaults = RunConfig()
     for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(f"{section} ({cls.__doc__.splitlines()[0]})")
-        for f in dataclasses.fields(cls):
-            tp = _hints(cls)[f.name]
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            kw: dict[str, Any] = dict(dest=f"{section}.{f.name}", default=argparse.SUPPRESS)
+        title = cls.__doc__.splitlines()[0].replace("``", "")
+        group = parser.add_argument_group(f"{section} ({title})")
+        for name, (tp, f) in _fields(cls).items():
+            default = getattr(getattr(defaults, section), name)
+            help_text = f"{f.metadata['help']} (default {default})"
+            kw: dict[str, Any] = dict(dest=f"{section}.{name}", default=argparse.SUPPRESS)
             if tp is bool:
                 kw["action"] = argparse.BooleanOptionalAction
-                kw["help"] = f"(default {default})"
             else:
-                kw["type"] = _flag_type(tp, f"{_flag(f.name)}")
-                choices = _choices(tp)
-                kw["metavar"] = "{" + ",".join(choices) + "}" if choices else f.name.upper()
-                kw["help"] = f"(default {default})"
-            group.add_argument(_flag(f.name), **kw)
+                choices = f.metadata.get("choices")
+                kw["type"] = _flag_type(tp, _flag(name), choices)
+                kw["metavar"] = "{" + ",".join(map(str, choices)) + "}" if choices else name.upper()
+            group.add_argument(_flag(name), help=help_text.replace("%", "%%"), **kw)
 
 
-def _choices(tp: Any) -> tuple[str, ...] | None:
-    if typing.get_origin(tp) is Literal:
-        return typing.get_args(tp)
-    return None
-
-
-def _flag_type(tp: Any, flag: str):
+def _flag_type(tp: Any, flag: str, choices: tuple | None):
     def parse(text: str) -> Any:
         try:
-            return _convert(text, tp, flag)
+            return _convert(text, tp, flag, choices)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -276,9 +316,8 @@ def _flag_type(tp: Any, flag: str):
 
 
 def resolve(args: argparse.Namespace) -> RunConfig:
-    """Preset < file < flags. Raises ValueError on an unknown preset or bad file content."""
-    from moe_testbed.presets import get_preset
-
+    """Preset < file < flags. Raises ValueError on an unknown preset, bad file content or an
+    inconsistent result (see :func:`validate`)."""
     file_d = load_file(args.config) if getattr(args, "config", None) else {}
     preset = getattr(args, "preset", None) or file_d.get("preset", "tiny")
     cfg = RunConfig(preset=preset)
@@ -297,7 +336,12 @@ def resolve(args: argparse.Namespace) -> RunConfig:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Cross-field checks, raising ValueError with the offending values."""
+    """Cross-field checks, raising ValueError with the offending values.
+
+    The ``moe`` section is checked by ``MoEConfig.validate()`` (its messages get a ``moe.``
+    prefix). ``router="reference"`` with ``num_groups=None`` is accepted: the trainer sets the
+    number of groups to the corpus's domain count and validates again.
+    """
     m, moe, t = cfg.model, cfg.moe, cfg.train
     if m.d_model % m.n_heads or (m.d_model // m.n_heads) % 2:
         raise ValueError(
@@ -307,6 +351,13 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(
             f"moe.top_k must be in [1, num_experts={moe.num_experts}], got {moe.top_k}"
         )
+    pending_groups = moe.router == "reference" and moe.num_groups is None
+    try:
+        # One group passes every group check; they run again once the domain count is known.
+        checked = dataclasses.replace(moe, num_groups=1) if pending_groups else moe
+        checked.validate()
+    except ValueError as e:
+        raise ValueError(f"moe.{e}") from None
     if m.moe_every < 1 or m.n_layers < 1:
         raise ValueError("model.moe_every and model.n_layers must be >= 1")
     if t.steps < 1 or t.micro_batch_size < 1 or t.grad_accum < 1:

@@ -21,8 +21,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from moe_testbed.config import RunConfig, validate
-from moe_testbed.presets import get_preset
+from moe_testbed.config import RunConfig, get_preset, validate
 
 DEFAULT_STEPS = 200
 DOMAINS = "en_lit,de,zh,code_py"

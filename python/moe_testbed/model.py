@@ -10,22 +10,16 @@ Legend: B batch, S sequence positions, D d_model, H heads, Dh head dim, V vocabu
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_testbed.config import ModelConfig, MoESettings
-from moe_testbed.presets import _is_moe, param_counts
-
-
-def moe_kernels_config(moe: MoESettings):
-    """The ``moe_kernels.MoEConfig`` for these settings."""
-    from moe_kernels import MoEConfig
-
-    return MoEConfig(**dataclasses.asdict(moe))
+from moe_kernels import MoE, MoEConfig, share_router
+from moe_kernels.routers import Router
+from moe_testbed.config import ModelConfig
+from moe_testbed.presets import param_counts
 
 
 class RMSNorm(nn.Module):
@@ -86,16 +80,14 @@ class DenseFFN(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, m: ModelConfig, moe: MoESettings, use_moe: bool) -> None:
+    def __init__(self, m: ModelConfig, moe: MoEConfig, use_moe: bool) -> None:
         super().__init__()
         self.norm1 = RMSNorm(m.d_model, m.norm_eps)
         self.attn = Attention(m)
         self.norm2 = RMSNorm(m.d_model, m.norm_eps)
         self.use_moe = use_moe
         if use_moe:
-            from moe_kernels import MoE
-
-            self.ffn = MoE.from_config(m.d_model, m.d_ff_expert, moe_kernels_config(moe))
+            self.ffn = MoE.from_config(m.d_model, m.d_ff_expert, moe)
         else:
             self.ffn = DenseFFN(m.d_model, m.d_ff_dense)
 
@@ -112,13 +104,13 @@ class Block(nn.Module):
 class MoETransformer(nn.Module):
     """Decoder-only LM. ``forward(tokens_BS, labels_BS=None) -> logits_BSV`` (fp32)."""
 
-    def __init__(self, m: ModelConfig, moe: MoESettings) -> None:
+    def __init__(self, m: ModelConfig, moe: MoEConfig) -> None:
         super().__init__()
         if m.vocab_size <= 0:
             raise ValueError(f"model.vocab_size must be set (> 0), got {m.vocab_size}")
         self.model_config, self.moe_config = m, moe
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
-        self.blocks = nn.ModuleList(Block(m, moe, _is_moe(i, m)) for i in range(m.n_layers))
+        self.blocks = nn.ModuleList(Block(m, moe, m.is_moe_layer(i)) for i in range(m.n_layers))
         self.norm = RMSNorm(m.d_model, m.norm_eps)
         self.head = None if m.tie_embeddings else nn.Linear(m.d_model, m.vocab_size, bias=False)
         cos, sin = rope_tables(m.seq_len, m.d_model // m.n_heads, m.rope_theta)
@@ -126,8 +118,6 @@ class MoETransformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self._init_dense_weights()
         if moe.router == "shared_router":
-            from moe_kernels import share_router
-
             share_router(self)
 
     def _init_dense_weights(self) -> None:
@@ -182,16 +172,9 @@ def route_experts(
     Runs one forward pass with hooks on the routers (T = B * S, row-major). Routing statistics
     collected during the pass are the caller's to discard.
     """
-    from moe_kernels.routers import Router
-
-    routers = {id(m): m for m in model.modules() if isinstance(m, Router)}
     seen: list[torch.Tensor] = []
-    hook = lambda _m, _inp, out: seen.append(
-        out.experts_TK
-        if hasattr(out, "experts_TK")  # noqa: E731
-        else out[1]
-    )
-    handles = [m.register_forward_hook(hook) for m in routers.values()]
+    hook = lambda _m, _inp, decision: seen.append(decision.experts_TK)  # noqa: E731
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, Router)]
     was_training = model.training
     try:
         model.eval()

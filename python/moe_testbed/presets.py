@@ -1,4 +1,6 @@
-"""Model size presets: one MoE family (E=8 routed experts, top-2, expert width = d_model).
+"""Parameter counts and FLOPs of the model size presets (``config.PRESETS``).
+
+One MoE family: E=8 routed experts, top-2, expert width = d_model.
 
 All presets keep the routing shape fixed (E=8, k=2, fine-grainedness d_ff_expert / d_model = 1)
 so that a routing result at ``tiny`` can be checked at ``large`` with nothing else changed.
@@ -21,46 +23,29 @@ included, the embedding lookup not) + 12 x layers x seq_len x d_model for attent
 
 from __future__ import annotations
 
-import dataclasses
+from moe_kernels import MoEConfig
+from moe_kernels.activations import ACTIVATIONS
+from moe_testbed.config import PRESETS, ModelConfig, default_moe, get_preset
 
-from moe_testbed.config import ModelConfig, MoESettings
-
-PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(d_model=128, n_layers=4, n_heads=4, d_ff_expert=128, d_ff_dense=512),
-    "small": ModelConfig(d_model=256, n_layers=6, n_heads=4, d_ff_expert=256, d_ff_dense=1024),
-    "base": ModelConfig(
-        d_model=384, n_layers=8, n_heads=6, d_ff_expert=384, d_ff_dense=1536, seq_len=256
-    ),
-    "large": ModelConfig(
-        d_model=512, n_layers=11, n_heads=8, d_ff_expert=512, d_ff_dense=2048, seq_len=256
-    ),
-}
+__all__ = ["PRESETS", "DEFAULT_VOCAB", "get_preset", "param_counts", "table"]
 
 DEFAULT_VOCAB = 4096
 
 
-def get_preset(name: str) -> ModelConfig:
-    """A fresh copy of the named preset. Raises ValueError listing the presets."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return dataclasses.replace(PRESETS[name])
-
-
-def _is_moe(layer: int, m: ModelConfig) -> bool:
-    # Counting from the last layer: with moe_every=2 the last layer is MoE, like many MoE models.
-    return (m.n_layers - 1 - layer) % m.moe_every == 0
-
-
-def param_counts(m: ModelConfig, moe: MoESettings, vocab_size: int | None = None) -> dict:
+def param_counts(m: ModelConfig, moe: MoEConfig, vocab_size: int | None = None) -> dict:
     """Analytic parameter counts and training FLOPs per token.
 
     Returns dict with ``total``, ``active`` (per token: embeddings, attention, norms, routers,
     top_k + shared experts), ``embedding``, ``flops_per_token`` (training, forward + backward).
+    Raises KeyError for an activation that ``moe_kernels.activations.ACTIVATIONS`` lacks.
     """
     v = vocab_size or m.vocab_size or DEFAULT_VOCAB
     d = m.d_model
-    mats = 3 if moe.activation == "swiglu" else 2
+    gated = ACTIVATIONS[moe.activation][1]
+    mats = 3 if gated else 2
     expert = mats * d * m.d_ff_expert
+    # per-expert biases b1 (and b3 when gated) of width F, b2 of width D: added, not multiplied
+    expert_bias = ((mats - 1) * m.d_ff_expert + d) if moe.expert_bias else 0
     dense_ffn = 3 * d * m.d_ff_dense  # dense layers use SwiGLU
     attn = 4 * d * d
     norms = 2 * d
@@ -72,13 +57,13 @@ def param_counts(m: ModelConfig, moe: MoESettings, vocab_size: int | None = None
         total += attn + norms
         active += attn + norms
         matmul_active += attn
-        if _is_moe(layer, m):
+        if m.is_moe_layer(layer):
             # hash routers have no weight; a random router's weight is a buffer, not a parameter
             router = 0 if moe.router in ("hash", "random") else d * moe.num_experts
             n_total = moe.num_experts + moe.shared_experts
             n_active = moe.top_k + moe.shared_experts
-            total += router + n_total * expert
-            active += router + n_active * expert
+            total += router + n_total * expert + moe.num_experts * expert_bias
+            active += router + n_active * expert + moe.top_k * expert_bias
             matmul_active += router + n_active * expert
         else:
             total += dense_ffn
@@ -95,7 +80,7 @@ def table(vocab_size: int = DEFAULT_VOCAB) -> str:
         f"{'active':>9s} {'FLOPs/tok':>10s}"
     ]
     for name, m in PRESETS.items():
-        c = param_counts(m, MoESettings(), vocab_size)
+        c = param_counts(m, default_moe(), vocab_size)
         rows.append(
             f"{name:8s} {m.d_model:4d} {m.n_layers:3d} {m.n_heads:3d} {m.d_ff_expert:4d} "
             f"{c['total'] / 1e6:8.2f}M {c['active'] / 1e6:8.2f}M {c['flops_per_token'] / 1e6:9.1f}M"

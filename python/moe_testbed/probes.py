@@ -2,11 +2,12 @@
 
 The trainer hands in a ``route_fn(tokens_BS, labels_BS) -> list over layers of experts_TK``
 (T = B * S, row-major over batch then position) and the probes return per-layer numbers from
-``moe_testbed.metrics``.
+``moe_testbed.metrics``. :func:`run_probes` is what the trainer runs at every evaluation; its
+values are named by ``moe_testbed.logging`` (``probe/layer0/stiffness``).
 
-Legend: B sequences, S positions, T = B * S tokens, K top-k slots, L MoE layers.
+Legend: B sequences, S positions, T = B * S tokens, K top-k slots, L MoE layers, E experts.
 
-Context-perturbation probe (``routing_stiffness`` case (b) in shared/METRICS.md):
+Context-perturbation probe (``routing_stiffness`` case (b) in docs/METRICS.md):
 
 * ``perturb_context`` replaces ``round(frac * (S - 1))`` positions of each sequence, drawn
   uniformly without replacement from positions ``0 .. S-2`` (the last position is never
@@ -21,16 +22,21 @@ Context-perturbation probe (``routing_stiffness`` case (b) in shared/METRICS.md)
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from moe_testbed import logging as names
 from moe_testbed import metrics
 
 RouteFn = Callable[[torch.Tensor, torch.Tensor], Sequence[Any]]
 
 __all__ = [
+    "ProbeResult",
+    "probe_batch",
+    "run_probes",
+    "saturation_curves",
     "perturb_context",
     "probe_mask",
     "stiffness_under_perturbation",
@@ -117,7 +123,7 @@ def _pool(pool_by_domain: Mapping[int, Any], domain: int) -> Any:
 def _stack_layers(layers: Sequence[Any], name: str) -> np.ndarray:
     if len(layers) == 0:
         raise ValueError(f"{name} must hold at least one layer, got none")
-    arrays = [metrics._to_numpy(x) for x in layers]
+    arrays = [metrics.as_numpy(x) for x in layers]
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise ValueError(f"{name} layers must share one (T, K) shape, got {sorted(shapes)}")
@@ -205,3 +211,75 @@ def ngram_ids(tokens_BS: torch.Tensor, n: int) -> torch.Tensor:
             h = h * _HASH_BASE + (tokens[:, j : j + width] + 1).astype(np.uint64)
         out[:, n - 1 :] = (h & _HASH_MASK).astype(np.int64)
     return torch.from_numpy(out).to(tokens_BS.device)
+
+
+# ----------------------------------------------------------------------------- the trainer's probes
+
+
+class ProbeResult(NamedTuple):
+    """``record``: probe metric name -> value (per layer and mean over layers);
+    ``coactivation_LEE`` float32 (L, E, E); ``routes_LTK`` int16 (L, T, K) expert ids of the
+    probe tokens (kept for router saturation)."""
+
+    record: dict[str, float]
+    coactivation_LEE: np.ndarray
+    routes_LTK: np.ndarray
+
+
+def probe_batch(data: Any, max_sequences: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed probe tokens: the first sequences of every domain's first validation batch,
+    ``max(1, max_sequences // D)`` per domain. ``data`` is a ``moe_testbed.sources.RunData``.
+    Returns ``(tokens_BS, labels_BS)`` int64 without the shifted-target position."""
+    num_domains = len(data.domains)
+    per = max(1, max_sequences // num_domains)
+    firsts = [data.val_batches(d)[0] for d in range(num_domains)]
+    tokens = torch.cat([t[:per] for t, _ in firsts])
+    labels = torch.cat([lab[:per] for _, lab in firsts])
+    return tokens[:, :-1], labels[:, :-1]
+
+
+def run_probes(
+    route_fn: RouteFn,
+    tokens_BS: torch.Tensor,
+    labels_BS: torch.Tensor,
+    pool_by_domain: Mapping[int, Any],
+    *,
+    num_experts: int,
+    generator: torch.Generator | None = None,
+) -> ProbeResult:
+    """Stiffness under context perturbation, n-gram expertise (n = 1, 2) and co-activation.
+
+    Values per layer: ``stiffness`` (:func:`stiffness_under_perturbation`),
+    ``ngram_expertise_n1`` / ``ngram_expertise_n2`` (``metrics.ngram_expertise`` of the probe
+    tokens' n-grams) and ``coactivation_offdiag_max`` (largest off-diagonal entry of
+    ``metrics.coactivation``: how strongly one expert pulls in another).
+    Raises ValueError as the probes and metrics do.
+    """
+    stiff = stiffness_under_perturbation(
+        route_fn, tokens_BS, labels_BS, pool_by_domain, generator=generator
+    )
+    experts = [metrics.as_numpy(e) for e in route_fn(tokens_BS, labels_BS)]
+    values: dict[str, list[float]] = {"stiffness": list(stiff)}
+    for n in (1, 2):
+        grams = ngram_ids(tokens_BS.cpu(), n).reshape(-1)
+        values[f"ngram_expertise_n{n}"] = [metrics.ngram_expertise(grams, e) for e in experts]
+    coact = np.stack([metrics.coactivation(e, num_experts) for e in experts])
+    off = ~np.eye(num_experts, dtype=bool)
+    values["coactivation_offdiag_max"] = [float(c[off].max()) for c in coact]
+    record: dict[str, float] = {}
+    for metric, per_layer in values.items():
+        record.update(names.layer_values(metric, per_layer, split="probe"))
+    routes = np.stack(experts).astype(np.int16)
+    return ProbeResult(record, coact.astype(np.float32), routes)
+
+
+def saturation_curves(routes: Mapping[int, np.ndarray]) -> dict[str, list[float]]:
+    """Router saturation over training: per evaluation step (as a string key, ascending), the
+    per-layer :func:`saturation` of that step's probe routing against the last step's.
+    ``routes``: step -> (L, T, K) expert ids. Returns {} for no routes."""
+    if not routes:
+        return {}
+    final = routes[max(routes)]
+    return {
+        str(step): saturation(list(r), list(final)).tolist() for step, r in sorted(routes.items())
+    }

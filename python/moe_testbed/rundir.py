@@ -9,14 +9,13 @@ Layout::
       checkpoints/             the trainer's business
       report/                  plots, report.html and summary.md (moe_testbed.report)
 
-``metrics.jsonl`` lines hold ``"step"`` (int, required), ``"tokens"``, ``"loss"``, ``"lr"``,
-the names produced by ``metrics.summarize`` (``"layer3/max_violation@global_batch"``,
-``"all/specialization_score"``, ...) and, at evaluation steps, ``"val/loss"`` and
-``"val/<domain>/loss"``. Values are numbers (NaN/inf written as JSON ``NaN``/``Infinity``, which
-Python's json reads back). Each append writes one complete line, flushes and fsyncs. A crash
-can leave a truncated last line: readers ignore it, and the next append first cuts the file
-back to its last complete line. A resumed run calls ``truncate_metrics(run_dir, after_step)``
-to drop the lines logged after its checkpoint.
+``metrics.jsonl`` lines hold ``"step"`` (int, required), ``"tokens"`` and metric values under
+the names of ``moe_testbed.logging`` (``"loss"``, ``"train/layer3/max_violation@global_batch"``,
+``"val/all/specialization_score"``, ``"val/<domain>/loss"``, ...). Values are numbers (NaN/inf
+written as JSON ``NaN``/``Infinity``, which Python's json reads back). Each append writes one
+complete line, flushes and fsyncs. A crash can leave a truncated last line: readers ignore it,
+and the next append first cuts the file back to its last complete line. A resumed run calls
+``truncate_metrics(run_dir, after_step)`` to drop the lines logged after its checkpoint.
 
 ``counts/step_XXXXXXX.npz`` (step zero-padded to 7 digits) holds
 ``requested_LDE`` and ``kept_LDE`` (int64, L x D x E selections before / after capacity),

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import re
+import sys
 
 import pytest
 import yaml
 
+from moe_kernels import MoEConfig
 from moe_testbed import cli
 from moe_testbed.config import SECTIONS, RunConfig, load_file, resolve, save
 
@@ -115,3 +119,50 @@ def test_round_trip(tmp_path, suffix):
     assert _resolve(["--config", str(path)]) == cfg
     if suffix == ".json":
         assert json.loads(path.read_text())["moe"]["router"] == "reference"
+
+
+def _train_parser():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["train"]
+
+
+def test_every_moe_config_field_is_a_flag():
+    actions = {a.dest: a for a in _train_parser()._actions}
+    for f in dataclasses.fields(MoEConfig):
+        assert f"moe.{f.name}" in actions, f"MoEConfig.{f.name} has no moe-testbed train flag"
+        assert "--" + f.name.replace("_", "-") in actions[f"moe.{f.name}"].option_strings
+        choices = f.metadata.get("choices")
+        if choices:  # the accepted values are the field's own
+            assert all(str(c) in actions[f"moe.{f.name}"].metavar for c in choices)
+
+
+def test_every_train_flag_has_help_beyond_its_default():
+    for action in _train_parser()._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        text = re.sub(r"\(default [^)]*\)", "", action.help or "").strip()
+        assert len(text) >= 8, f"{action.option_strings[0]} has no description: {action.help!r}"
+
+
+def test_moe_config_is_validated_after_overrides(capsys):
+    with pytest.raises(ValueError, match="moe.balance"):
+        RunConfig.from_dict({"moe": {"router": "hash", "balance": "aux_free"}})
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--router", "hash", "--balance", "aux_free"])
+    assert "moe.balance" in capsys.readouterr().err
+    # the reference router's group count may wait for the corpus (the trainer sets it) ...
+    assert _resolve(["--router", "reference"]).moe.num_groups is None
+    # ... but a given one is checked at once
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--router", "reference", "--num-groups", "3"])
+    assert "moe.num_groups" in capsys.readouterr().err
+    assert RunConfig().moe.scope == "global_batch"  # the testbed's default, not the layer's
+
+
+def test_train_tensorboard_without_the_package_is_one_clear_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    rc = cli.main(["train", "--tensorboard", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and not (tmp_path / "run").exists()
+    assert err.count("\n") == 1 and "pip install 'moe-testbed[tensorboard]'" in err

@@ -245,13 +245,38 @@ def test_other_errors():
         m.ngram_expertise([0, 1], [[0]])
 
 
+@pytest.mark.parametrize("score", ["sigmoid", "softmax"])
+def test_router_health_equals_the_logged_statistics(score):
+    # The trainer logs router_entropy/confidence from moe_kernels.stats, which normalises each
+    # token's scores to sum 1; the metrics must give the same numbers from the scores.
+    import moe_kernels
+    from moe_kernels.routers import Router
+
+    torch.manual_seed(0)
+    layer = moe_kernels.MoE(16, 8, num_experts=4, top_k=2, score=score)
+    seen = []
+    layer.router.register_forward_hook(lambda _m, _i, decision: seen.append(decision.scores_TE))
+    moe_kernels.stats.enable(layer, num_labels=1)
+    layer(torch.randn(40, 16) * 3, labels=torch.zeros(40, dtype=torch.long))
+    logged = moe_kernels.stats.read(layer)
+    assert isinstance(layer.router, Router) and len(seen) == 1
+    tokens = logged["tokens_L"][0]
+    assert m.router_confidence(seen[0]) == pytest.approx(logged["max_prob_sum_L"][0] / tokens)
+    assert m.router_entropy(seen[0]) == pytest.approx(logged["entropy_sum_L"][0] / tokens)
+    raw_max = float(seen[0].detach().max(-1).values.mean())
+    if score == "sigmoid":  # raw sigmoid maxima are not the logged confidence
+        assert m.router_confidence(seen[0]) < raw_max - 0.1
+    else:
+        assert m.router_confidence(seen[0]) == pytest.approx(raw_max)
+
+
 # ----------------------------------------------------------------------------- summarize
 
 
 def test_summarize_names_and_means():
     stack = np.stack([C, np.ones_like(C)])
     kept = np.stack([C, np.ones_like(C) - np.eye(2, 4, dtype=int)])
-    out = m.summarize(stack, kept_LDE=kept, scope="global_batch", prefix="val/")
+    out = m.summarize(stack, kept_LDE=kept, scope="global_batch", split="val")
     assert out["val/layer0/max_violation@global_batch"] == pytest.approx(1.0)
     assert out["val/layer1/max_violation@global_batch"] == pytest.approx(0.0)
     assert out["val/all/max_violation@global_batch"] == pytest.approx(0.5)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_testbed.config import ModelConfig, MoESettings
+from moe_kernels import MoEConfig
+from moe_testbed.config import ModelConfig, default_moe
 from moe_testbed.model import MoETransformer, route_experts
 from moe_testbed.presets import PRESETS, get_preset, param_counts
 
@@ -19,11 +20,11 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _small(**kw) -> tuple[ModelConfig, MoESettings]:
+def _small(**kw) -> tuple[ModelConfig, MoEConfig]:
     m = ModelConfig(
         vocab_size=97, d_model=32, n_layers=2, n_heads=2, d_ff_expert=16, d_ff_dense=48, seq_len=16
     )
-    moe = MoESettings(num_experts=4, top_k=2)
+    moe = default_moe(num_experts=4, top_k=2)
     for k, v in kw.items():
         setattr(m if hasattr(m, k) else moe, k, v)
     return m, moe
@@ -39,6 +40,9 @@ def _small(**kw) -> tuple[ModelConfig, MoESettings]:
         {"router": "reference", "num_groups": 2},  # needs labels
         {"router": "shared_router"},
         {"shared_experts": 1, "activation": "gelu"},
+        {"expert_bias": True},  # per-expert biases b1, b3 (gated) and b2 are counted
+        {"expert_bias": True, "activation": "relu", "shared_experts": 1},  # ungated: no b3
+        {"activation": "geglu"},  # gated activations other than swiglu carry w3 too
     ],
 )
 def test_forward_backward_shapes(kw):
@@ -80,7 +84,7 @@ def test_sequence_longer_than_model_raises():
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_counts_match_model(name):
-    m, moe = get_preset(name), MoESettings()
+    m, moe = get_preset(name), default_moe()
     m.vocab_size = 4096
     with torch.device("meta"):
         model = MoETransformer(m, moe)
@@ -88,8 +92,8 @@ def test_preset_counts_match_model(name):
 
 
 def test_large_is_about_35x_tiny():
-    tiny = param_counts(get_preset("tiny"), MoESettings())
-    large = param_counts(get_preset("large"), MoESettings())
+    tiny = param_counts(get_preset("tiny"), default_moe())
+    large = param_counts(get_preset("large"), default_moe())
     assert 2e6 < tiny["total"] < 5e6
     assert 33 <= large["total"] / tiny["total"] <= 37
     assert tiny["active"] < tiny["total"]

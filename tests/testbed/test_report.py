@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe_testbed import report
+from moe_testbed import cli, report
 from moe_testbed.rundir import RunDir, atomic_write_bytes, atomic_write_json, truncate_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -211,7 +211,7 @@ def test_cli_subcommands(tmp_path, capsys):
     a = make_run(tmp_path / "a", seed=0)
     b = make_run(tmp_path / "b", seed=1)
     parser = argparse.ArgumentParser()
-    report.add_report_subcommands(parser.add_subparsers(dest="command"))
+    cli.add_report_subcommands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["report", str(a.path)])
     assert args.func(args) == 0 and (a.report_dir / "report.html").exists()
     args = parser.parse_args(["compare", str(a.path), str(b.path), "--out", str(tmp_path / "c")])

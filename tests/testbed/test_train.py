@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from moe_testbed import train as train_module
 from moe_testbed.config import RunConfig
 from moe_testbed.train import lr_at, train
 
@@ -76,6 +77,61 @@ def test_lr_schedule():
     assert lr_at(10, cfg) == pytest.approx(1.0)
     assert lr_at(100, cfg) == pytest.approx(0.1)
     assert lr_at(55, cfg) == pytest.approx(0.55)
+
+
+def _tiny_cfg(**train_fields) -> RunConfig:
+    """A seconds-long in-process run on the synthetic domains."""
+    cfg = RunConfig()
+    for key, value in dict(
+        vocab_size=128, d_model=32, n_layers=2, n_heads=2, d_ff_expert=32, seq_len=16
+    ).items():
+        setattr(cfg.model, key, value)
+    cfg.data.data_dir, cfg.data.eval_batches = "synthetic", 1
+    cfg.train.micro_batch_size, cfg.train.progress, cfg.train.probes = 4, False, False
+    for key, value in train_fields.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+def test_logged_aux_loss_is_the_mean_over_micro_batches(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    seen: list[float] = []
+    aux_losses = train_module.aux_losses
+
+    def recording_aux_losses(model):
+        loss = aux_losses(model)
+        seen.append(float(loss.detach()))
+        return loss
+
+    monkeypatch.setattr(train_module, "aux_losses", recording_aux_losses)
+    cfg = _tiny_cfg(steps=3, grad_accum=3, log_every=1, eval_every=0, ckpt_every=0)
+    train(cfg, tmp_path / "run")
+    records = [r for r in _records(tmp_path / "run") if "aux_loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3] and len(seen) == 9
+    for r in records:
+        micro = seen[3 * (r["step"] - 1) : 3 * r["step"]]
+        assert max(micro) > min(micro)  # the micro-batches differ, so the mean is not the last
+        assert r["aux_loss"] == pytest.approx(np.mean(micro), rel=1e-6)
+        assert r["aux_loss"] != pytest.approx(micro[-1], rel=1e-6)
+
+
+def test_tensorboard_gets_the_logged_scalars_and_heatmaps(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torch.set_num_threads(1)
+    cfg = _tiny_cfg(steps=4, log_every=2, eval_every=4, ckpt_every=0, tensorboard=True)
+    train(cfg, tmp_path / "run")
+    records = _records(tmp_path / "run")
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    logged = {k for r in records for k, v in r.items() if k != "step" and isinstance(v, float)}
+    assert logged <= set(events.Tags()["scalars"])
+    for r in records:
+        if "loss" in r:
+            values = {e.step: e.value for e in events.Scalars("loss")}
+            assert values[r["step"]] == pytest.approx(r["loss"])
+    assert {i.step for i in events.Images("val/layer1/routing_heatmap")} == {4}
 
 
 def test_short_run_in_process(tmp_path):
