@@ -181,7 +181,7 @@ def _module(name: str):
 
 def chosen_backends(p: LayerProblem) -> str:
     """Which backend automatic selection picks for each op of the path on these inputs."""
-    B = _module("moe_kernels.ops._backend")
+    B = _module("moe_kernels.ops._select")
     picks = []
     try:
         wt = p.w1_EFD.transpose(1, 2)

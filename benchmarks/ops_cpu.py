@@ -15,8 +15,8 @@ import moe_kernels as mk
 from benchmarks.common import bench, machine, markdown_table
 from moe_kernels.ops.combine import combine_reference
 from moe_kernels.ops.dispatch import dispatch_reference
-from moe_kernels.ops.gating import topk_gating_reference
 from moe_kernels.ops.route import route_reference
+from moe_kernels.ops.topk_gating import topk_gating_reference
 
 
 def torch_gating(logits, k):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.ops import _backend as B
+from moe_kernels.ops import _select as B
 from moe_kernels.ops.route import RoutingPlan
 
 

@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-from moe_kernels.ops import _backend as B
+from moe_kernels.ops import _select as B
 
 _HAS_TORCH_GROUPED_MM = hasattr(torch, "_grouped_mm")
 

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from moe_kernels.ops import _backend as B
+from moe_kernels.ops import _select as B
 
 DROPS = ("position", "score")
 

@@ -15,7 +15,7 @@ import torch
 
 
 def _check_gather(x_TD, offsets_E1, row_token_N, *, w_EDF=None, dy_NF=None):
-    from moe_kernels.ops import _backend as B
+    from moe_kernels.ops import _select as B
     from moe_kernels.triton import families
 
     B.check_tensor("x_TD", x_TD, ndim=2, dtypes=families.DTYPES)

@@ -1,4 +1,4 @@
-"""Triton backend objects for the op families (see moe_kernels.ops._backend).
+"""Triton backend objects for the op families (see moe_kernels.ops._select).
 
 Which inputs the Triton backend takes:
 - CUDA tensors: always (it comes after the cuda backend in every family's list);
@@ -10,7 +10,7 @@ Which inputs the Triton backend takes:
 
 Nothing here imports triton: its presence is checked with ``importlib.util.find_spec`` and the
 kernel modules (``moe_kernels.triton.<family>``) load on first use. This module imports only
-``moe_kernels.ops._backend`` (the op modules import it while they build their backend lists).
+``moe_kernels.ops._select`` (the op modules import it while they build their backend lists).
 Its name is not ``backends``: torch.compile skips every file under a path containing
 "triton/backends", and backend selection runs these reasons inside compiled code.
 """
@@ -26,7 +26,7 @@ from types import ModuleType
 
 import torch
 
-from moe_kernels.ops import _backend as B
+from moe_kernels.ops import _select as B
 
 
 def _triton_installed() -> bool:
@@ -119,7 +119,7 @@ class TritonGating(TritonBackend):
 
     def forward(self, logits, k, score, bias, normalize):
         with on_device(logits):
-            return kernels("gating").topk_gating(logits, k, score, bias, normalize)
+            return kernels("topk_gating").topk_gating(logits, k, score, bias, normalize)
 
 
 class TritonDispatch(TritonBackend):
@@ -169,7 +169,7 @@ class TritonHistogram(TritonBackend):
 
     def forward(self, experts, labels, out, weights, out_w):
         with on_device(experts):
-            kernels("histogram").routing_histogram(experts, labels, out, weights, out_w)
+            kernels("routing_histogram").routing_histogram(experts, labels, out, weights, out_w)
 
 
 _FAMILIES = {

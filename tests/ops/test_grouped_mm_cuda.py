@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import moe_kernels as mk
-from moe_kernels.ops import _backend as B
+from moe_kernels.ops import _select as B
 from moe_kernels.ops.grouped_mm import grouped_mm_dw_reference, grouped_mm_reference
 
 # The module (moe_kernels.ops re-exports a function of the same name).

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moe_kernels as mk
-from moe_kernels.ops import _backend as B
+from moe_kernels.ops import _select as B
 from moe_kernels.ops.combine import BACKENDS as COMBINE_BACKENDS
 from moe_kernels.ops.combine import combine_reference, weight_grad_reference
 from moe_kernels.ops.dispatch import BACKENDS as DISPATCH_BACKENDS

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import moe_kernels as mk
-from moe_kernels.ops import _backend as B
+from moe_kernels.ops import _select as B
 from moe_kernels.ops.route import num_rows, route_reference
 
 from .test_route import assert_plans_equal, check_invariants

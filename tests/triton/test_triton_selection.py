@@ -9,13 +9,13 @@ import torch
 from triton_helpers import requires_triton
 
 import moe_kernels as mk
-from moe_kernels.ops import _backend as B
+from moe_kernels.ops import _select as B
 from moe_kernels.triton import families
 
 # The modules themselves (moe_kernels.ops re-exports functions of the same names).
 gating, route, dispatch, combine, grouped_mm, histogram = (
     importlib.import_module(f"moe_kernels.ops.{name}")
-    for name in ("gating", "route", "dispatch", "combine", "grouped_mm", "histogram")
+    for name in ("topk_gating", "route", "dispatch", "combine", "grouped_mm", "routing_histogram")
 )
 
 pytestmark = requires_triton

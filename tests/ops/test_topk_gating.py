@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moe_kernels as mk
-from moe_kernels.ops.gating import gating_backward, topk_gating_reference
+from moe_kernels.ops.topk_gating import gating_backward, topk_gating_reference
 
 from .util import CPU_BACKENDS, DTYPES, assert_close
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.ops import _backend as B
+from moe_kernels.ops import _select as B
 
 
 def routing_histogram_reference(experts_TK, labels_T, out_GE, weights_TK=None, out_w_GE=None):
