@@ -186,10 +186,10 @@ def chosen_backends(p: LayerProblem) -> str:
     try:
         wt = p.w1_EFD.transpose(1, 2)
         for op, mod, kw in (
-            ("route", "route", dict(experts=p.experts_TK, weights=None)),
-            ("dispatch", "dispatch", dict(x=p.x_TD, weights=None)),
+            ("route", "route", dict(experts=p.experts_TK, weights=None, num_experts=p.E)),
+            ("dispatch", "dispatch_combine", dict(x=p.x_TD, weights=None)),
             ("grouped_mm", "grouped_mm", dict(x=p.x_TD, w=wt)),
-            ("combine", "combine", dict(y=p.x_TD, weights=p.weights_TK)),
+            ("combine", "dispatch_combine", dict(x=p.x_TD, weights=p.weights_TK)),
         ):
             backends = _module(f"moe_kernels.ops.{mod}").BACKENDS
             picks.append(f"{op}={B.select(op, backends, None, **kw).name}")

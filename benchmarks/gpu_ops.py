@@ -35,7 +35,7 @@ import torch
 import moe_kernels as mk
 from benchmarks import gpu_harness as H
 from benchmarks.common import write_json_atomic
-from moe_kernels.ops.combine import combine_reference
+from moe_kernels.ops.dispatch_combine import combine_reference
 
 OPS = (
     "topk_gating",

@@ -13,8 +13,7 @@ import torch
 
 import moe_kernels as mk
 from benchmarks.common import bench, machine, markdown_table
-from moe_kernels.ops.combine import combine_reference
-from moe_kernels.ops.dispatch import dispatch_reference
+from moe_kernels.ops.dispatch_combine import combine_reference, dispatch_reference
 from moe_kernels.ops.route import route_reference
 from moe_kernels.ops.topk_gating import topk_gating_reference
 

@@ -1,10 +1,30 @@
-"""Backend dispatch shared by every op family.
+"""Backend selection shared by every op family, and the one rule for backward passes.
 
 Each op family keeps an ordered list of backends (``cuda``, ``triton``, ``cpu``, ``reference``).
-A backend says why it cannot run some inputs through ``not_supported_reasons(**inputs)``; the
-first backend with no reasons wins, ``backend="name"`` forces one, and when none fits the error
-lists every backend with its reasons. Reasons look only at metadata (device, dtype, shape), never
-at data, so selection is free of host synchronisation and traceable by ``torch.compile``.
+A backend says why it cannot run some inputs through ``not_supported_reasons``, whose keyword
+arguments are the selection arguments its op defines, spelled out (no catch-all ``**kwargs``: a
+misspelled or missing argument is a TypeError, never a silently skipped check):
+
+==================  =================================  ==========================================
+op family           selection arguments                backward ops (backend method)
+==================  =================================  ==========================================
+topk_gating         ``logits, bias, k``                topk_gating_backward (``backward``)
+route               ``experts, weights, num_experts``  -
+dispatch_combine    ``x, weights``                     each other (``dispatch`` / ``combine``),
+                                                       weight_grad (``weight_grad``)
+grouped_mm          ``x, w``                           grouped_mm (``forward``), grouped_mm_dw
+                                                       (``dw``)
+routing_histogram   ``experts, out``                   -
+==================  =================================  ==========================================
+
+A backend with ``takes_forced = True`` (Triton, whose CPU path is its slow interpreter) also
+takes ``forced``: whether it was asked for by name. The first backend with no reasons wins,
+``backend="name"`` forces one, and when none fits :class:`NoBackendError` shows the inputs and
+every backend with its reasons. Reasons look only at metadata (device, dtype, shape), never at
+data, so selection needs no host synchronisation and is traced by ``torch.compile``.
+
+This module imports no other module of moe_kernels (only the compiled ``moe_kernels._C``): the
+op modules and the Triton backends (``moe_kernels.triton.families``) import it.
 """
 
 from __future__ import annotations
@@ -15,7 +35,7 @@ from typing import Any
 import torch
 
 try:
-    from moe_kernels import _C
+    import moe_kernels._C as _C
 except ImportError as exc:  # source tree without a build, or a broken build
     _C = None
     _C_IMPORT_ERROR = f"moe_kernels._C is not built ({exc})"
@@ -31,7 +51,8 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class NoBackendError(RuntimeError):
-    """No backend of an op family accepts the inputs; the message lists every backend's reasons."""
+    """No backend of an op family accepts the inputs; the message shows the inputs, then every
+    backend with its reasons."""
 
 
 @dataclass(frozen=True)
@@ -50,17 +71,16 @@ DEFAULT_TOLERANCES = {
 
 
 class Backend:
-    """One implementation of an op family. Subclasses set ``name`` and implement the op."""
+    """One implementation of an op family. Subclasses set ``name``, implement the family's ops
+    and define ``not_supported_reasons(self, <the family's selection arguments>) -> list[str]``
+    (see the module docstring)."""
 
     name = "?"
     tolerances = DEFAULT_TOLERANCES
-    # True for a backend that accepts some inputs only when asked for by name: select() then
-    # passes ``forced=True`` (backend="name") or ``forced=False`` (automatic selection) to its
+    # True for a backend that accepts some inputs only when asked for by name: selection then
+    # passes ``forced=True`` (asked for by name) or ``forced=False`` (automatic selection) to its
     # not_supported_reasons. The Triton backend uses it for CPU tensors (its slow interpreter).
     takes_forced = False
-
-    def not_supported_reasons(self, **inputs: Any) -> list[str]:
-        return []
 
 
 class CpuKernels(Backend):
@@ -83,18 +103,9 @@ class CudaKernels(Backend):
             getattr(_C, f"{op}_cuda")(*args, cuda_stream(like))
 
 
-class NotImplementedBackend(Backend):
-    """Placeholder slot in the ordered list for a backend this op family does not have yet."""
-
-    def __init__(self, name: str, why: str) -> None:
-        self.name = name
-        self._why = why
-
-    def not_supported_reasons(self, **inputs: Any) -> list[str]:
-        return [self._why]
-
-
-def cpu_reasons(*tensors: torch.Tensor, dtypes=(torch.float32, torch.bfloat16, torch.float64)):
+def cpu_reasons(
+    *tensors: torch.Tensor | None, dtypes=(torch.float32, torch.bfloat16, torch.float64)
+):
     """Reasons common to the C++ CPU kernels: built module, CPU tensors, contiguous, dtype."""
     reasons = []
     if _C is None:
@@ -112,7 +123,7 @@ def cpu_reasons(*tensors: torch.Tensor, dtypes=(torch.float32, torch.bfloat16, t
     return reasons
 
 
-def cuda_reasons(*tensors: torch.Tensor, dtypes=None) -> list[str]:
+def cuda_reasons(*tensors: torch.Tensor | None, dtypes=None) -> list[str]:
     """Reasons common to the CUDA kernels: built with CUDA, CUDA tensors, supported dtypes."""
     reasons = []
     if _C is None:
@@ -136,17 +147,39 @@ def cuda_stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
-def triton_backend(family: str) -> Backend:
-    """The Triton backend of an op family (``moe_kernels.triton.families``; not named
-    ``backends``: torch.compile never traces files under a path containing "triton/backends",
-    and selection calls their not_supported_reasons inside compiled code)."""
-    from moe_kernels.triton import families
+# ---- selection ---------------------------------------------------------------------------------
 
-    return families.make(family)
+
+def _reasons(backend: Backend, inputs: dict[str, Any], forced: bool) -> list[str]:
+    if backend.takes_forced:
+        return backend.not_supported_reasons(**inputs, forced=forced)
+    return backend.not_supported_reasons(**inputs)
+
+
+def describe(value: Any) -> str:
+    """An input as the error message shows it: shape, dtype and device of a tensor, else its
+    value."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor of shape {tuple(value.shape)}, {value.dtype}, on {value.device}"
+    return repr(value)
 
 
 def select(op: str, backends: list[Backend], forced: str | None, **inputs: Any) -> Backend:
-    """The first backend with no reasons (or the forced one); NoBackendError otherwise."""
+    """The first backend of ``backends`` with no reasons, or the one named ``forced``.
+
+    Args:
+        op: the op's name, for messages.
+        backends: the family's backends in automatic order.
+        forced: a backend name (``backend=`` of the op), or None for automatic selection.
+        **inputs: exactly the family's selection arguments (see the module docstring).
+
+    Raises:
+        ValueError: ``forced`` names no backend of the list.
+        NoBackendError: no (or not the forced) backend accepts the inputs; the message lists the
+            inputs, then every backend tried with its reasons.
+        TypeError: ``inputs`` are not the family's selection arguments (a misspelled or missing
+            name).
+    """
     names = [b.name for b in backends]
     if forced is not None:
         if forced not in names:
@@ -156,14 +189,63 @@ def select(op: str, backends: list[Backend], forced: str | None, **inputs: Any) 
         chosen = backends
     report = []
     for b in chosen:
-        if b.takes_forced:
-            reasons = b.not_supported_reasons(**inputs, forced=forced is not None)
-        else:
-            reasons = b.not_supported_reasons(**inputs)
+        reasons = _reasons(b, inputs, forced=forced is not None)
         if not reasons:
             return b
         report.append(f"  {b.name}: " + "; ".join(reasons))
-    raise NoBackendError(f"no {op} backend accepts these inputs:\n" + "\n".join(report))
+    shown = [f"  {name}: {describe(value)}" for name, value in inputs.items()]
+    raise NoBackendError(
+        f"no {op} backend accepts these inputs:\n"
+        + "\n".join(shown)
+        + "\nbackends and why they declined:\n"
+        + "\n".join(report)
+    )
+
+
+def backward_backend(
+    op: str, backends: list[Backend], forward: str, method: str, **inputs: Any
+) -> Backend:
+    """The backend that runs backward op ``op`` (the backend method ``method``) of a forward
+    that ran on the backend named ``forward``. Every op's backward chooses its backends here.
+
+    The rule: **the backward reuses the forward's backend when that backend implements the
+    backward op and accepts the backward's inputs (judged as automatic selection judges them);
+    otherwise it selects afresh, in the family's automatic order, among the backends that
+    implement it.**
+
+    Why this rule:
+
+    - ``backend="name"`` then means that backend for the whole op, gradients included: a user
+      debugging with ``backend="reference"``, or a benchmark timing one backend's forward+backward
+      on a GPU, gets what it asked for, and the gradients come from the same kernels (and
+      roundings) as the forward values.
+    - An automatic forward picked the first backend that took the forward's inputs; the backward's
+      inputs live on the same device with the same dtypes, so reusing it is what a fresh selection
+      would pick in the common case, and the choice stays stable across forward and backward.
+    - A backend with no kernel for the backward (the cpu and triton gating backends) or one that
+      declines the backward's inputs (a layout or alignment its forward kernel took but the
+      backward's does not) never makes the backward fail: the automatic order then takes the
+      first backend that can, ending at the reference, which implements every backward op and
+      accepts every input.
+    - The backward's ops are not named by the caller, so a backend that takes some inputs only
+      when named (``takes_forced``: Triton on CPU tensors, through its one-program-at-a-time
+      interpreter, a test tool) is reused only where automatic selection would accept it: on
+      CPU tensors the backward of ``backend="triton"`` runs on the C++ cpu backend.
+
+    Args:
+        op: the backward op's name, for messages.
+        backends: the family's backends in automatic order.
+        forward: the name of the backend the forward ran on.
+        method: the backend method that implements the backward op.
+        **inputs: the family's selection arguments, describing the backward op's inputs.
+
+    Raises: NoBackendError when no backend implementing ``method`` accepts the inputs.
+    """
+    first = by_name(backends, forward)
+    if callable(getattr(first, method, None)) and not _reasons(first, inputs, forced=False):
+        return first
+    able = [b for b in backends if callable(getattr(b, method, None))]
+    return select(op, able, None, **inputs)
 
 
 def by_name(backends: list[Backend], name: str) -> Backend:
