@@ -545,7 +545,7 @@ def evaluate_targets(
     out.append(t)
     for t in out:
         if t.status == "N/A":
-            script = "gpu_layer" if t.source == "layer" else "gpu_ops"
+            script = "gpu_layer" if t.source == "layer" else "ops_gpu"
             t.status = f"N/A (measured by benchmarks.{script})"
     return out
 

@@ -1,7 +1,7 @@
 """The targets table from the JSON of both GPU benchmarks.
 
 Run: ``python -m benchmarks.gpu_targets LAYER.json OPS.json`` with the ``--json`` outputs of
-``benchmarks.gpu_layer`` and ``benchmarks.gpu_ops`` (either may be left out: its targets are
+``benchmarks.gpu_layer`` and ``benchmarks.ops_gpu`` (either may be left out: its targets are
 N/A). Prints each target's worst case over the measured shapes, token counts and routings.
 """
 
@@ -19,7 +19,7 @@ def main(argv=None) -> list[H.Target]:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("results", nargs="+", help="JSON files written by gpu_layer / gpu_ops --json")
+    p.add_argument("results", nargs="+", help="JSON files written by gpu_layer / ops_gpu --json")
     args = p.parse_args(argv)
     layer = memory = ops = None
     smoke = False
@@ -30,10 +30,10 @@ def main(argv=None) -> list[H.Target]:
         print(f"{path}: {H.machine_line(res['machine'])}")
         if res["benchmark"] == "gpu_layer":
             layer, memory = res["layer"], res["memory"] or None
-        elif res["benchmark"] == "gpu_ops":
+        elif res["benchmark"] in ("ops_gpu", "gpu_ops"):  # gpu_ops: the script's former name
             ops = res["ops"]
         else:
-            p.error(f"{path}: not a gpu_layer / gpu_ops result")
+            p.error(f"{path}: not a gpu_layer / ops_gpu result")
     targets = H.evaluate_targets(layer, memory, ops)
     print()
     print(H.targets_table(targets, smoke))

@@ -18,7 +18,7 @@ from moe_kernels.ops.route import route_reference
 from moe_kernels.ops.topk_gating import topk_gating_reference
 
 
-def torch_gating(logits, k):
+def torch_topk_gating(logits, k):
     s = torch.softmax(logits.float(), -1)
     w, e = torch.topk(s, k, -1)
     return w / w.sum(-1, keepdim=True), e
@@ -60,7 +60,7 @@ def run(T: int, E: int, K: int, D: int, G: int, dtype: torch.dtype) -> list[list
         (
             "topk_gating",
             lambda: mk.topk_gating(logits, K, backend="cpu"),
-            lambda: torch_gating(logits, K),
+            lambda: torch_topk_gating(logits, K),
             T * E * 4 + T * K * 8,
         ),
         (

@@ -22,7 +22,7 @@ import moe_kernels as mk
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 from benchmarks import baselines as bl  # noqa: E402
 from benchmarks import gpu_harness as H  # noqa: E402
-from benchmarks import gpu_layer, gpu_ops, gpu_targets  # noqa: E402
+from benchmarks import gpu_layer, gpu_targets, ops_gpu  # noqa: E402
 from benchmarks.common import write_json_atomic  # noqa: E402
 
 SMOKE = ["--smoke", "--device", "cpu", "--cpu-reps", "1"]
@@ -245,7 +245,7 @@ OURS = ["moe_kernels", "moe_kernels[cuda]", "moe_kernels[triton]"]
 def ops_json(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "ops.json"
     argv = SMOKE + ["--shapes", "qwen3_30b", "--tokens", "128", "--passes", "fwd", "fwd+bwd"]
-    gpu_ops.main(argv + ["--json", str(out)])
+    ops_gpu.main(argv + ["--json", str(out)])
     return out
 
 
