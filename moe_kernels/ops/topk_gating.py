@@ -214,9 +214,11 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, grad_w, _grad_experts):
-    """dlogits through the topk_gating_backward custom op, on the backend that the one backward
-    rule picks (moe_kernels.ops._select.backward_backend): the forward's when it has a
-    ``backward`` (CUDA, reference), else the first in automatic order that has one."""
+    """dlogits on the backend that the one backward rule picks (moe_kernels.ops._select
+    .backward_backend): the forward's when it has a ``backward`` (CUDA, reference), else the first
+    in automatic order that has one. A kernel runs through the topk_gating_backward custom op so
+    torch.compile can trace it; the reference's plain-torch backward runs inline, so it stays
+    differentiable (double backward) and visible to the compiler."""
     logits, experts = ctx.saved_tensors
     chosen = S.backward_backend(
         "topk_gating_backward",
@@ -227,7 +229,10 @@ def _backward(ctx, grad_w, _grad_experts):
         bias=None,
         k=experts.shape[1],
     )
-    d = _topk_gating_backward_op(grad_w, logits, experts, ctx.score, ctx.normalize, chosen.name)
+    if chosen.name == "reference":
+        d = chosen.backward(grad_w, logits, experts, ctx.score, ctx.normalize)
+    else:
+        d = _topk_gating_backward_op(grad_w, logits, experts, ctx.score, ctx.normalize, chosen.name)
     return d, *([None] * 5)
 
 

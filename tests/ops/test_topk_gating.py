@@ -64,6 +64,16 @@ def test_gradcheck(backend, score, normalize):
     assert torch.autograd.gradcheck(fn, (logits,))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradgradcheck(backend):
+    # Without a backward kernel the reference's plain-torch backward runs inline: it stays
+    # differentiable, so second derivatives (gradient penalties) work.
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(7, 5, dtype=torch.float64, generator=g).requires_grad_(True)
+    fn = lambda z: mk.topk_gating(z, 2, score="softmax", backend=backend)[0]
+    assert torch.autograd.gradgradcheck(fn, (logits,))
+
+
 def test_backward_matches_autograd_of_reference():
     z = torch.randn(20, 8, generator=torch.Generator().manual_seed(5), requires_grad=True)
     w_ref = torch.softmax(z, -1)
