@@ -11,7 +11,7 @@ with the weights in the ``moe_kernels.MoE`` layout: ``w1_EFD``, ``w3_EFD`` (E, F
 (sort / route), gathering, the three GEMMs, SwiGLU, the weighted scatter back to tokens, and in
 backward the gradients of x, the gate weights and the three expert weights. The router
 projection and top-k gating are not (they are identical for every implementation and timed on
-their own by ``benchmarks.gpu_ops``).
+their own by ``benchmarks.ops_gpu``).
 
 Implementations:
 
@@ -187,15 +187,15 @@ def _module(name: str):
 
 def chosen_backends(p: LayerProblem) -> str:
     """Which backend automatic selection picks for each op of the path on these inputs."""
-    B = _module("moe_kernels.ops._backend")
+    B = _module("moe_kernels.ops._select")
     picks = []
     try:
         wt = p.w1_EFD.transpose(1, 2)
         for op, fn, kw in (
-            ("route", mk.route, dict(experts=p.experts_TK, weights=None)),
+            ("route", mk.route, dict(experts=p.experts_TK, weights=None, num_experts=p.E)),
             ("dispatch", mk.dispatch, dict(x=p.x_TD, weights=None)),
             ("grouped_mm", mk.grouped_mm, dict(x=p.x_TD, w=wt)),
-            ("combine", mk.combine, dict(y=p.x_TD, weights=p.weights_TK)),
+            ("combine", mk.combine, dict(x=p.x_TD, weights=p.weights_TK)),
         ):
             backends = _module(fn.__module__).BACKENDS  # the op's module, wherever it lives
             picks.append(f"{op}={B.select(op, backends, None, **kw).name}")

@@ -1,4 +1,4 @@
-"""Shared parts of the GPU benchmarks (``benchmarks.layer_gpu``, ``benchmarks.gpu_ops``): named
+"""Shared parts of the GPU benchmarks (``benchmarks.layer_gpu``, ``benchmarks.ops_gpu``): named
 shapes, routing generation, the command line, timers and the machine description. The
 correctness checks live in ``benchmarks.gpu_checks`` and the targets in ``benchmarks.gpu_targets``;
 their names are re-exported here, so the scripts reach everything through this module.

@@ -2,7 +2,7 @@
 from the JSON of both.
 
 Run: ``python -m benchmarks.gpu_targets LAYER.json OPS.json`` with the ``--json`` outputs of
-``benchmarks.layer_gpu`` and ``benchmarks.gpu_ops`` (either may be left out: its targets are
+``benchmarks.layer_gpu`` and ``benchmarks.ops_gpu`` (either may be left out: its targets are
 N/A). Prints each target's worst case over the measured shapes, token counts and routings.
 """
 
@@ -151,7 +151,7 @@ def evaluate_targets(
     out.append(t)
     for t in out:
         if t.status == "N/A":
-            script = "layer_gpu" if t.source == "layer" else "gpu_ops"
+            script = "layer_gpu" if t.source == "layer" else "ops_gpu"
             t.status = f"N/A (measured by benchmarks.{script})"
     return out
 
@@ -172,7 +172,7 @@ def main(argv=None) -> list[Target]:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("results", nargs="+", help="JSON files written by layer_gpu / gpu_ops --json")
+    p.add_argument("results", nargs="+", help="JSON files written by layer_gpu / ops_gpu --json")
     args = p.parse_args(argv)
     layer = memory = ops = None
     smoke = False
@@ -186,7 +186,7 @@ def main(argv=None) -> list[Target]:
         elif res["benchmark"] in OPS_BENCHMARKS:
             ops = res["ops"]
         else:
-            p.error(f"{path}: not a layer_gpu / gpu_ops result")
+            p.error(f"{path}: not a layer_gpu / ops_gpu result")
     targets = evaluate_targets(layer, memory, ops)
     print()
     print(targets_table(targets, smoke))

@@ -8,7 +8,7 @@ What is timed (gating excluded): from the layer input and a fixed routing decisi
 weights, int32 expert ids) to the layer output, i.e. building the row layout, gather, three
 GEMMs, SwiGLU and the weighted scatter; forward+backward adds the gradients of the input, the
 gate weights and the three expert weights. The router projection and top-k gating are identical
-for every implementation and are timed by ``benchmarks.gpu_ops``. ``fwd`` runs under
+for every implementation and are timed by ``benchmarks.ops_gpu``. ``fwd`` runs under
 ``torch.no_grad()``; ``fwd+bwd`` is one forward plus ``backward`` of a fixed random gradient.
 
 Rows (see ``benchmarks.baselines``): ``moe_kernels`` (``moe_kernels.GroupedExperts``, the

@@ -13,13 +13,12 @@ import torch
 
 import moe_kernels as mk
 from benchmarks.common import bench, machine, markdown_table
-from moe_kernels.ops.combine import combine_reference
-from moe_kernels.ops.dispatch import dispatch_reference
-from moe_kernels.ops.gating import topk_gating_reference
+from moe_kernels.ops.dispatch_combine import combine_reference, dispatch_reference
 from moe_kernels.ops.route import route_reference
+from moe_kernels.ops.topk_gating import topk_gating_reference
 
 
-def torch_gating(logits, k):
+def torch_topk_gating(logits, k):
     s = torch.softmax(logits.float(), -1)
     w, e = torch.topk(s, k, -1)
     return w / w.sum(-1, keepdim=True), e
@@ -61,7 +60,7 @@ def run(T: int, E: int, K: int, D: int, G: int, dtype: torch.dtype) -> list[list
         (
             "topk_gating",
             lambda: mk.topk_gating(logits, K, backend="cpu"),
-            lambda: torch_gating(logits, K),
+            lambda: torch_topk_gating(logits, K),
             T * E * 4 + T * K * 8,
         ),
         (

@@ -12,7 +12,7 @@ import torch
 
 import moe_kernels as mk
 from benchmarks import layer_cpu as ep
-from benchmarks.ops_cpu import torch_combine, torch_gating, torch_route
+from benchmarks.ops_cpu import torch_combine, torch_route, torch_topk_gating
 
 T, E, K, D, G = 8192, 64, 8, 1024, 8
 
@@ -32,7 +32,7 @@ def inputs():
 OPS = {
     "topk_gating": (
         lambda i: mk.topk_gating(i["logits"], K, backend="cpu"),
-        lambda i: torch_gating(i["logits"], K),
+        lambda i: torch_topk_gating(i["logits"], K),
     ),
     "route": (
         lambda i: mk.route(i["e"], E, backend="cpu"),

@@ -30,7 +30,7 @@ __version__ = "0.1.0"
 
 def build_info() -> dict:
     """What the compiled core was built with: cpu, cuda (+ archs, nvcc), compilers, cutlass."""
-    from moe_kernels.ops._backend import _C, _C_IMPORT_ERROR
+    from moe_kernels.ops._select import _C, _C_IMPORT_ERROR
 
     if _C is None:
         return {"cpu": False, "cuda": False, "error": _C_IMPORT_ERROR}

@@ -1,4 +1,4 @@
-"""The GPU benchmark harness (benchmarks.layer_gpu, benchmarks.gpu_ops) in --smoke mode on CPU:
+"""The GPU benchmark harness (benchmarks.layer_gpu, benchmarks.ops_gpu) in --smoke mode on CPU:
 every requested row is reported, every timed implementation agrees with the plain-torch
 reference, a wrong one is reported WRONG and not timed, and the activation-memory figures are
 what the implementations must save."""
@@ -22,7 +22,7 @@ import moe_kernels as mk
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 from benchmarks import baselines as bl  # noqa: E402
 from benchmarks import gpu_harness as H  # noqa: E402
-from benchmarks import gpu_ops, gpu_targets, layer_gpu  # noqa: E402
+from benchmarks import gpu_targets, layer_gpu, ops_gpu  # noqa: E402
 from benchmarks.common import write_json_atomic  # noqa: E402
 
 SMOKE = ["--smoke", "--device", "cpu", "--cpu-reps", "1"]
@@ -245,7 +245,7 @@ OURS = ["moe_kernels", "moe_kernels[cuda]", "moe_kernels[triton]"]
 def ops_json(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "ops.json"
     argv = SMOKE + ["--shapes", "qwen3_30b", "--tokens", "128", "--passes", "fwd", "fwd+bwd"]
-    gpu_ops.main(argv + ["--json", str(out)])
+    ops_gpu.main(argv + ["--json", str(out)])
     return out
 
 

@@ -1,6 +1,6 @@
-"""The whole expert path on the CUDA backends (gating -> route -> dispatch -> grouped_mm x3 SwiGLU
--> combine, forward and backward) runs without a host synchronisation and replays from a CUDA
-graph with the results of eager execution."""
+"""The whole expert path on the CUDA backends (topk_gating -> route -> dispatch -> grouped_mm x3
+SwiGLU -> combine, forward and backward) runs without a host synchronisation and replays from a
+CUDA graph with the results of eager execution."""
 
 import pytest
 import torch

@@ -5,9 +5,10 @@
 #include <stdexcept>
 #include <string>
 
-#include "cuda/ops.h"
-
 namespace moe::cuda {
+
+// The message of a cudaError_t code (check.cu: only CUDA sources include the runtime headers).
+const char* error_string(int code);
 
 inline void check(int code, const char* what) {
   if (code != 0) throw std::runtime_error(std::string(what) + ": " + error_string(code));

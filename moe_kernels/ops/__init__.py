@@ -1,12 +1,16 @@
-"""The functional op contract of moe_kernels (see each module's legend)."""
+"""The functional op contract of moe_kernels (see each module's legend).
 
-from moe_kernels.ops._backend import NoBackendError
-from moe_kernels.ops.combine import combine
-from moe_kernels.ops.dispatch import dispatch
-from moe_kernels.ops.gating import SCORES, router_scores, topk_gating
+One module per op family, named like its public function: ``topk_gating``, ``route``,
+``dispatch_combine`` (the adjoint pair ``dispatch`` / ``combine``), ``grouped_mm``,
+``routing_histogram``; backend selection and the backward rule live in ``_select``.
+"""
+
+from moe_kernels.ops._select import NoBackendError
+from moe_kernels.ops.dispatch_combine import combine, dispatch
 from moe_kernels.ops.grouped_mm import grouped_mm
-from moe_kernels.ops.histogram import routing_histogram
 from moe_kernels.ops.route import DROPS, RoutingPlan, route
+from moe_kernels.ops.routing_histogram import routing_histogram
+from moe_kernels.ops.topk_gating import SCORES, router_scores, topk_gating
 
 __all__ = [
     "DROPS",

@@ -11,7 +11,8 @@ import functools
 
 import torch
 
-from moe_kernels.ops import _backend as B
+from moe_kernels.ops import _select as S
+from moe_kernels.triton import families
 
 _HAS_TORCH_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
@@ -62,8 +63,8 @@ def _torch_grouped_mm_reasons(x, w):
 # Kernel families compiled into _C (80: CUTLASS 2 for sm_80 and later, 90: CUTLASS 3 for sm_90a).
 # Read once: backend selection runs inside torch.compile traces, which cannot call into _C.
 _CUDA_GEMM_ARCHS = (
-    tuple(B._C.grouped_mm_cuda_archs())
-    if B._C_HAS_CUDA and hasattr(B._C, "grouped_mm_cuda_archs")
+    tuple(S._C.grouped_mm_cuda_archs())
+    if S._C_HAS_CUDA and hasattr(S._C, "grouped_mm_cuda_archs")
     else ()
 )
 _CUDA_GEMM_DTYPES = (torch.bfloat16, torch.float16)
@@ -110,11 +111,11 @@ def _sm_count(index: int) -> int:
 
 @functools.cache
 def _workspace_bytes(arch: int, kind: int, dtype: int, E: int, D: int, F: int, sms: int) -> int:
-    return B._C.grouped_mm_workspace_bytes(arch, kind, dtype, E, D, F, sms)
+    return S._C.grouped_mm_workspace_bytes(arch, kind, dtype, E, D, F, sms)
 
 
 def _cuda_grouped_mm_reasons(x: torch.Tensor, w: torch.Tensor) -> list[str]:
-    reasons = B.cuda_reasons(x, w, dtypes=_CUDA_GEMM_DTYPES)
+    reasons = S.cuda_reasons(x, w, dtypes=_CUDA_GEMM_DTYPES)
     if not reasons and not _CUDA_GEMM_ARCHS:
         reasons.append("moe_kernels._C was built without the CUTLASS grouped GEMM (MOE_CUTLASS)")
     if reasons:
@@ -156,14 +157,14 @@ def _aligned_start(w: torch.Tensor) -> torch.Tensor:
     return w if w.data_ptr() % 16 == 0 else w.clone(memory_format=torch.contiguous_format)
 
 
-class CudaGroupedMM(B.Backend):
+class CudaGroupedMM(S.Backend):
     """CUTLASS grouped GEMM, bf16/fp16 with fp32 accumulation: sm_90a pointer-array kernels
     (TMA, WGMMA) on Hopper, sm_80 grouped kernels elsewhere. Per-expert shapes are built on device
     from the offsets, so a call never synchronises and can be captured in a CUDA graph."""
 
     name = "cuda"
 
-    def not_supported_reasons(self, x, w, **_):
+    def not_supported_reasons(self, x, w):
         return _cuda_grouped_mm_reasons(x, w)
 
     def forward(self, x, w, offsets):
@@ -193,20 +194,20 @@ class CudaGroupedMM(B.Backend):
     def _launch(kind, x, b, out, offsets, E, N, D, F, ldb, b_group_stride):
         device = x.device
         arch = _kernel_arch(device)
-        dtype = B.DTYPE_CODES[x.dtype]
+        dtype = S.DTYPE_CODES[x.dtype]
         sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
         nbytes = _workspace_bytes(arch, kind, dtype, E, D, F, sms)
         workspace = torch.empty(nbytes, dtype=torch.uint8, device=device)
         offsets = offsets.contiguous()
         with torch.cuda.device(device):
-            B._C.grouped_mm_cuda(
+            S._C.grouped_mm_cuda(
                 arch,
                 kind,
                 dtype,
-                B.ptr(x),
-                B.ptr(b),
-                B.ptr(out),
-                B.ptr(offsets),
+                S.ptr(x),
+                S.ptr(b),
+                S.ptr(out),
+                S.ptr(offsets),
                 offsets.dtype == torch.int64,
                 E,
                 N,
@@ -215,14 +216,17 @@ class CudaGroupedMM(B.Backend):
                 ldb,
                 b_group_stride,
                 sms,
-                B.ptr(workspace),
+                S.ptr(workspace),
                 nbytes,
-                B.cuda_stream(x),
+                S.cuda_stream(x),
             )
 
 
-class ReferenceGroupedMM(B.Backend):
+class ReferenceGroupedMM(S.Backend):
     name = "reference"
+
+    def not_supported_reasons(self, x, w):
+        return []
 
     def forward(self, x, w, offsets):
         return grouped_mm_reference(x, w, offsets)
@@ -231,12 +235,12 @@ class ReferenceGroupedMM(B.Backend):
         return grouped_mm_dw_reference(x, dy, offsets)
 
 
-class CpuGroupedMM(B.Backend):
+class CpuGroupedMM(S.Backend):
     """CPU through torch: ``torch._grouped_mm`` when it takes the inputs, else the mm loop."""
 
     name = "cpu"
 
-    def not_supported_reasons(self, x, w, **_):
+    def not_supported_reasons(self, x, w):
         return [] if x.device.type == "cpu" else [f"needs CPU tensors, got {x.device}"]
 
     def forward(self, x, w, offsets):
@@ -254,9 +258,9 @@ class CpuGroupedMM(B.Backend):
         return torch._grouped_mm(x.t(), dy, offs=offsets[1:].to(torch.int32))
 
 
-BACKENDS: list[B.Backend] = [
+BACKENDS: list[S.Backend] = [
     CudaGroupedMM(),
-    B.triton_backend("grouped_mm"),
+    families.make("grouped_mm"),
     CpuGroupedMM(),
     ReferenceGroupedMM(),
 ]
@@ -266,7 +270,7 @@ BACKENDS: list[B.Backend] = [
 def _grouped_mm_op(
     x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str
 ) -> torch.Tensor:
-    return B.by_name(BACKENDS, backend).forward(x, w, offsets)
+    return S.by_name(BACKENDS, backend).forward(x, w, offsets)
 
 
 @_grouped_mm_op.register_fake
@@ -278,7 +282,7 @@ def _(x, w, offsets, backend):
 def _grouped_mm_dw_op(
     x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, backend: str
 ) -> torch.Tensor:
-    return B.by_name(BACKENDS, backend).dw(x, dy, offsets)
+    return S.by_name(BACKENDS, backend).dw(x, dy, offsets)
 
 
 @_grouped_mm_dw_op.register_fake
@@ -293,15 +297,19 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, dy):
+    """dx = grouped_mm(dy, w^T) and dw through grouped_mm_dw, each on the backend that the one
+    backward rule picks (moe_kernels.ops._select.backward_backend). The dw op's selection
+    arguments are x and w: its output has w's shape, dtype and device."""
     x, w, offsets = ctx.saved_tensors
     dy = dy.contiguous()
     dx = dw = None
     if ctx.needs_input_grad[0]:
         wt = w.transpose(1, 2)
-        chosen = B.select("grouped_mm", BACKENDS, None, x=dy, w=wt)
+        chosen = S.backward_backend("grouped_mm", BACKENDS, ctx.backend, "forward", x=dy, w=wt)
         dx = _grouped_mm_op(dy, wt, offsets, chosen.name)
     if ctx.needs_input_grad[1]:
-        dw = _grouped_mm_dw_op(x, dy, offsets, ctx.backend)
+        chosen = S.backward_backend("grouped_mm_dw", BACKENDS, ctx.backend, "dw", x=x, w=w)
+        dw = _grouped_mm_dw_op(x, dy, offsets, chosen.name)
     return dx, dw, None, None
 
 
@@ -322,9 +330,9 @@ def grouped_mm(
     Returns: (N, F); rows past ``offsets_E1[E]`` are zero. Differentiable in x and w.
     Raises: TypeError/ValueError naming the argument for dtype, rank, device or shape mismatches.
     """
-    B.check_tensor("x_ND", x_ND, ndim=2, dtypes=B.FLOAT_DTYPES)
-    B.check_tensor("w_EDF", w_EDF, ndim=3, dtypes=(x_ND.dtype,), device=x_ND.device)
-    B.check_tensor(
+    S.check_tensor("x_ND", x_ND, ndim=2, dtypes=S.FLOAT_DTYPES)
+    S.check_tensor("w_EDF", w_EDF, ndim=3, dtypes=(x_ND.dtype,), device=x_ND.device)
+    S.check_tensor(
         "offsets_E1", offsets_E1, ndim=1, dtypes=(torch.int32, torch.int64), device=x_ND.device
     )
     if w_EDF.shape[1] != x_ND.shape[1]:
@@ -332,6 +340,6 @@ def grouped_mm(
             f"w_EDF: expected shape (E, {x_ND.shape[1]}, F) to match x_ND's D, "
             f"got {tuple(w_EDF.shape)}"
         )
-    B.check_shape("offsets_E1", offsets_E1, (w_EDF.shape[0] + 1,))
-    chosen = B.select("grouped_mm", BACKENDS, backend, x=x_ND, w=w_EDF)
+    S.check_shape("offsets_E1", offsets_E1, (w_EDF.shape[0] + 1,))
+    chosen = S.select("grouped_mm", BACKENDS, backend, x=x_ND, w=w_EDF)
     return _grouped_mm_op(x_ND, w_EDF, offsets_E1, chosen.name)

@@ -17,7 +17,8 @@ from typing import NamedTuple
 
 import torch
 
-from moe_kernels.ops import _backend as B
+from moe_kernels.ops import _select as S
+from moe_kernels.triton import families
 
 DROPS = ("position", "score")
 
@@ -104,18 +105,21 @@ def route_reference(experts_TK, num_experts, capacity=None, weights_TK=None, dro
     return i32(counts), i32(kept), i32(offsets), i32(row_slot), i32(slot_row.view(T, K))
 
 
-class ReferenceRoute(B.Backend):
+class ReferenceRoute(S.Backend):
     name = "reference"
+
+    def not_supported_reasons(self, experts, weights, num_experts):
+        return []
 
     def forward(self, experts, E, capacity, weights, drop):
         return route_reference(experts, E, None if capacity < 0 else capacity, weights, drop)
 
 
-class CpuRoute(B.Backend):
+class CpuRoute(S.Backend):
     name = "cpu"
 
-    def not_supported_reasons(self, experts, weights=None, **_):
-        return B.cpu_reasons(experts, weights)
+    def not_supported_reasons(self, experts, weights, num_experts):
+        return S.cpu_reasons(experts, weights)
 
     def forward(self, experts, E, capacity, weights, drop):
         T, K = experts.shape
@@ -127,22 +131,22 @@ class CpuRoute(B.Backend):
             torch.empty(E + 1, **i32),
         )
         row_slot, slot_row = torch.empty(N, **i32), torch.empty(T, K, **i32)
-        wcode = B.DTYPE_CODES[weights.dtype] if weights is not None else 0
-        B._C.route_cpu(
-            B.ptr(experts),
+        wcode = S.DTYPE_CODES[weights.dtype] if weights is not None else 0
+        S._C.route_cpu(
+            S.ptr(experts),
             T,
             K,
             E,
             capacity,
             DROPS.index(drop),
-            B.ptr(weights),
+            S.ptr(weights),
             wcode,
             N,
-            B.ptr(counts),
-            B.ptr(kept),
-            B.ptr(offsets),
-            B.ptr(row_slot),
-            B.ptr(slot_row),
+            S.ptr(counts),
+            S.ptr(kept),
+            S.ptr(offsets),
+            S.ptr(row_slot),
+            S.ptr(slot_row),
         )
         return counts, kept, offsets, row_slot, slot_row
 
@@ -152,15 +156,15 @@ CUDA_MAX_EXPERTS = 8192
 CUDA_MAX_SLOTS = 2**31 - 2**16
 
 
-class CudaRoute(B.Backend):
+class CudaRoute(S.Backend):
     """Stable counting sort on device (csrc/cuda/route.cu), CUB radix sort for score dropping;
     every buffer, the workspace included, allocated here with torch: no sync, graph-capturable."""
 
     name = "cuda"
 
-    def not_supported_reasons(self, experts, weights=None, num_experts=None, **_):
-        reasons = B.cuda_reasons(experts, weights, dtypes=(torch.float32, torch.float64))
-        if num_experts is not None and num_experts > CUDA_MAX_EXPERTS:
+    def not_supported_reasons(self, experts, weights, num_experts):
+        reasons = S.cuda_reasons(experts, weights, dtypes=(torch.float32, torch.float64))
+        if num_experts > CUDA_MAX_EXPERTS:
             reasons.append(
                 f"num_experts = {num_experts} > {CUDA_MAX_EXPERTS} (per-warp expert counters "
                 "in shared memory)"
@@ -179,35 +183,35 @@ class CudaRoute(B.Backend):
             torch.empty(E + 1, **i32),
         )
         row_slot, slot_row = torch.empty(N, **i32), torch.empty(T, K, **i32)
-        wcode = B.DTYPE_CODES[weights.dtype] if weights is not None else 0
+        wcode = S.DTYPE_CODES[weights.dtype] if weights is not None else 0
         code = DROPS.index(drop)
-        nbytes = B._C.route_cuda_workspace_size(T, K, E, capacity, code, wcode)
+        nbytes = S._C.route_cuda_workspace_size(T, K, E, capacity, code, wcode)
         workspace = torch.empty(nbytes, dtype=torch.uint8, device=experts.device)
-        B._C.route_cuda(
-            B.ptr(experts),
+        S._C.route_cuda(
+            S.ptr(experts),
             T,
             K,
             E,
             capacity,
             code,
-            B.ptr(weights),
+            S.ptr(weights),
             wcode,
             N,
-            B.ptr(counts),
-            B.ptr(kept),
-            B.ptr(offsets),
-            B.ptr(row_slot),
-            B.ptr(slot_row),
-            B.ptr(workspace),
+            S.ptr(counts),
+            S.ptr(kept),
+            S.ptr(offsets),
+            S.ptr(row_slot),
+            S.ptr(slot_row),
+            S.ptr(workspace),
             nbytes,
-            B.cuda_stream(experts),
+            S.cuda_stream(experts),
         )
         return counts, kept, offsets, row_slot, slot_row
 
 
-BACKENDS: list[B.Backend] = [
+BACKENDS: list[S.Backend] = [
     CudaRoute(),
-    B.triton_backend("route"),
+    families.make("route"),
     CpuRoute(),
     ReferenceRoute(),
 ]
@@ -222,7 +226,7 @@ def _route_op(
     drop: str,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return B.by_name(BACKENDS, backend).forward(experts, num_experts, capacity, weights, drop)
+    return S.by_name(BACKENDS, backend).forward(experts, num_experts, capacity, weights, drop)
 
 
 @_route_op.register_fake
@@ -258,7 +262,7 @@ def route(
         negative capacity, unknown drop policy, missing weights for score dropping). The CUDA
         backend skips out-of-range ids instead of raising (see the module docstring).
     """
-    B.check_tensor("experts_TK", experts_TK, ndim=2, dtypes=(torch.int32, torch.int64))
+    S.check_tensor("experts_TK", experts_TK, ndim=2, dtypes=(torch.int32, torch.int64))
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts: expected an int >= 1, got {num_experts!r}")
     if capacity is not None and (
@@ -268,10 +272,10 @@ def route(
     if drop not in DROPS:
         raise ValueError(f"drop: expected one of {DROPS}, got {drop!r}")
     if weights_TK is not None:
-        B.check_tensor(
-            "weights_TK", weights_TK, ndim=2, dtypes=B.FLOAT_DTYPES, device=experts_TK.device
+        S.check_tensor(
+            "weights_TK", weights_TK, ndim=2, dtypes=S.FLOAT_DTYPES, device=experts_TK.device
         )
-        B.check_shape("weights_TK", weights_TK, tuple(experts_TK.shape))
+        S.check_shape("weights_TK", weights_TK, tuple(experts_TK.shape))
         weights_TK = weights_TK.detach()
         if weights_TK.dtype != torch.float64:
             weights_TK = weights_TK.float()
@@ -279,7 +283,7 @@ def route(
     if drop == "score" and capacity is not None and weights_TK is None:
         raise ValueError('weights_TK: required with drop="score" and a capacity, got None')
     experts = experts_TK.to(torch.int32).contiguous()
-    chosen = B.select(
+    chosen = S.select(
         "route", BACKENDS, backend, experts=experts, weights=weights_TK, num_experts=num_experts
     )
     cap = -1 if capacity is None else capacity

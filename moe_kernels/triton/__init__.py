@@ -15,24 +15,24 @@ import torch
 
 
 def _check_gather(x_TD, offsets_E1, row_token_N, *, w_EDF=None, dy_NF=None):
-    from moe_kernels.ops import _backend as B
+    from moe_kernels.ops import _select as S
     from moe_kernels.triton import families
 
-    B.check_tensor("x_TD", x_TD, ndim=2, dtypes=families.DTYPES)
+    S.check_tensor("x_TD", x_TD, ndim=2, dtypes=families.DTYPES)
     dev, D = x_TD.device, x_TD.shape[1]
-    B.check_tensor("row_token_N", row_token_N, ndim=1, dtypes=(torch.int32,), device=dev)
-    B.check_contiguous("row_token_N", row_token_N)
-    B.check_tensor("offsets_E1", offsets_E1, ndim=1, dtypes=(torch.int32, torch.int64), device=dev)
-    B.check_contiguous("offsets_E1", offsets_E1)
+    S.check_tensor("row_token_N", row_token_N, ndim=1, dtypes=(torch.int32,), device=dev)
+    S.check_contiguous("row_token_N", row_token_N)
+    S.check_tensor("offsets_E1", offsets_E1, ndim=1, dtypes=(torch.int32, torch.int64), device=dev)
+    S.check_contiguous("offsets_E1", offsets_E1)
     if w_EDF is not None:
-        B.check_tensor("w_EDF", w_EDF, ndim=3, dtypes=(x_TD.dtype,), device=dev)
+        S.check_tensor("w_EDF", w_EDF, ndim=3, dtypes=(x_TD.dtype,), device=dev)
         if w_EDF.shape[1] != D:
             raise ValueError(
                 f"w_EDF: expected shape (E, {D}, F) to match x_TD's D, got {tuple(w_EDF.shape)}"
             )
-        B.check_shape("offsets_E1", offsets_E1, (w_EDF.shape[0] + 1,))
+        S.check_shape("offsets_E1", offsets_E1, (w_EDF.shape[0] + 1,))
     if dy_NF is not None:
-        B.check_tensor("dy_NF", dy_NF, ndim=2, dtypes=(x_TD.dtype,), device=dev)
+        S.check_tensor("dy_NF", dy_NF, ndim=2, dtypes=(x_TD.dtype,), device=dev)
         if dy_NF.shape[0] != row_token_N.shape[0]:
             raise ValueError(
                 f"dy_NF: expected {row_token_N.shape[0]} rows (row_token_N's N), "

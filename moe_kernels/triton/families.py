@@ -1,4 +1,4 @@
-"""Triton backend objects for the op families (see moe_kernels.ops._backend).
+"""Triton backend objects for the op families (see moe_kernels.ops._select).
 
 Which inputs the Triton backend takes:
 - CUDA tensors: always (it comes after the cuda backend in every family's list);
@@ -9,10 +9,11 @@ Which inputs the Triton backend takes:
   when they run: unsetting it switches CPU tensors off again.
 
 Nothing here imports triton: its presence is checked with ``importlib.util.find_spec`` and the
-kernel modules (``moe_kernels.triton.<family>``) load on first use. This module imports only
-``moe_kernels.ops._backend`` (the op modules import it while they build their backend lists).
-Its name is not ``backends``: torch.compile skips every file under a path containing
-"triton/backends", and backend selection runs these reasons inside compiled code.
+kernel modules (``moe_kernels.triton.<family>``, named like the op modules) load on first use.
+Of moe_kernels this module imports only ``moe_kernels.ops._select``, which imports nothing back;
+the op modules import this one to build their backend lists. Its name is not ``backends``:
+torch.compile skips every file under a path containing "triton/backends", and backend selection
+runs these reasons inside compiled code.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from types import ModuleType
 
 import torch
 
-from moe_kernels.ops import _backend as B
+from moe_kernels.ops import _select as S
 
 
 def _triton_installed() -> bool:
@@ -105,13 +106,13 @@ def dtype_reasons(*tensors: torch.Tensor | None) -> list[str]:
     return []
 
 
-class TritonBackend(B.Backend):
+class TritonBackend(S.Backend):
     name = "triton"
     takes_forced = True
 
 
-class TritonGating(TritonBackend):
-    def not_supported_reasons(self, logits, bias=None, forced=False, **_):
+class TritonTopkGating(TritonBackend):
+    def not_supported_reasons(self, logits, bias, k, forced):
         reasons = device_reasons(logits, forced) + dtype_reasons(logits)
         if logits.shape[1] > MAX_EXPERTS:
             reasons.append(f"E = {logits.shape[1]} experts > {MAX_EXPERTS}")
@@ -119,34 +120,38 @@ class TritonGating(TritonBackend):
 
     def forward(self, logits, k, score, bias, normalize):
         with on_device(logits):
-            return kernels("gating").topk_gating(logits, k, score, bias, normalize)
+            return kernels("topk_gating").topk_gating(logits, k, score, bias, normalize)
 
 
-class TritonDispatch(TritonBackend):
-    def not_supported_reasons(self, x, weights=None, forced=False, **_):
+class TritonRoute(TritonBackend):
+    """The route slot of the list: there is no Triton route kernel yet."""
+
+    def not_supported_reasons(self, experts, weights, num_experts, forced):
+        return ["no Triton route kernel in this version"]
+
+
+class TritonDispatchCombine(TritonBackend):
+    def not_supported_reasons(self, x, weights, forced):
         return device_reasons(x, forced) + dtype_reasons(x)
 
-    def forward(self, x, row_slot, K, weights):
+    def dispatch(self, x, row_slot, K, weights):
+        mod = kernels("dispatch_combine")
         with on_device(x):
-            return kernels("dispatch").dispatch(x.contiguous(), row_slot.contiguous(), K, weights)
+            return mod.dispatch(x.contiguous(), row_slot.contiguous(), K, weights)
 
-
-class TritonCombine(TritonBackend):
-    def not_supported_reasons(self, y, weights=None, forced=False, **_):
-        return device_reasons(y, forced) + dtype_reasons(y)
-
-    def forward(self, y, slot_row, weights):
+    def combine(self, y, slot_row, weights):
+        mod = kernels("dispatch_combine")
         with on_device(y):
-            return kernels("combine").combine(y.contiguous(), slot_row.contiguous(), weights)
+            return mod.combine(y.contiguous(), slot_row.contiguous(), weights)
 
     def weight_grad(self, a, b, slot_row, wdtype):
-        mod = kernels("combine")
+        mod = kernels("dispatch_combine")
         with on_device(a):
             return mod.weight_grad(a.contiguous(), b.contiguous(), slot_row.contiguous(), wdtype)
 
 
 class TritonGroupedMM(TritonBackend):
-    def not_supported_reasons(self, x, w, forced=False, **_):
+    def not_supported_reasons(self, x, w, forced):
         reasons = device_reasons(x, forced) + dtype_reasons(x)
         if w.shape[0] > MAX_EXPERTS:
             reasons.append(f"E = {w.shape[0]} experts > {MAX_EXPERTS}")
@@ -163,27 +168,28 @@ class TritonGroupedMM(TritonBackend):
             return kernels("grouped_mm").grouped_mm_dw(x, dy, offsets)
 
 
-class TritonHistogram(TritonBackend):
-    def not_supported_reasons(self, experts, out, forced=False, **_):
+class TritonRoutingHistogram(TritonBackend):
+    def not_supported_reasons(self, experts, out, forced):
         return device_reasons(experts, forced)
 
     def forward(self, experts, labels, out, weights, out_w):
         with on_device(experts):
-            kernels("histogram").routing_histogram(experts, labels, out, weights, out_w)
+            kernels("routing_histogram").routing_histogram(experts, labels, out, weights, out_w)
 
 
 _FAMILIES = {
-    "gating": TritonGating,
-    "dispatch": TritonDispatch,
-    "combine": TritonCombine,
+    "topk_gating": TritonTopkGating,
+    "route": TritonRoute,
+    "dispatch_combine": TritonDispatchCombine,
     "grouped_mm": TritonGroupedMM,
-    "routing_histogram": TritonHistogram,
+    "routing_histogram": TritonRoutingHistogram,
 }
 
 
-def make(family: str) -> B.Backend:
-    """The Triton backend of ``family`` or a placeholder that says why there is none."""
-    cls = _FAMILIES.get(family)
-    if cls is None:
-        return B.NotImplementedBackend("triton", f"no Triton {family} kernel in this version")
-    return cls()
+def make(family: str) -> S.Backend:
+    """The Triton backend of op family ``family`` (a module name of ``moe_kernels.ops``).
+
+    Raises: ValueError for an unknown family."""
+    if family not in _FAMILIES:
+        raise ValueError(f"family: expected one of {sorted(_FAMILIES)}, got {family!r}")
+    return _FAMILIES[family]()

@@ -19,7 +19,7 @@ from moe_testbed.config import add_config_flags, resolve
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from moe_testbed.logging import require_tensorboard
+    from moe_testbed.sinks import require_tensorboard
     from moe_testbed.train import train
 
     try:

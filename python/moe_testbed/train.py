@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from moe_kernels import aux_losses, stats, update_routers
-from moe_testbed import checkpoint, metrics, probes
+from moe_testbed import checkpoint, metrics, probes, sinks
 from moe_testbed import logging as names
 from moe_testbed.config import RunConfig, save
 from moe_testbed.model import MoETransformer, route_experts
@@ -186,7 +186,7 @@ class Trainer:
             save(cfg, self.run_dir.path / "config.yaml")
             if self.run_dir.metrics_path.exists():
                 self.run_dir.metrics_path.unlink()
-        self.log = names.MetricsLog(
+        self.log = sinks.MetricsLog(
             self.run_dir,
             active=self.rank == 0,
             tensorboard=t.tensorboard,

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import moe_kernels as mk
-from moe_kernels.ops import _backend as B
+from moe_kernels.ops import _select as S
 from moe_kernels.ops.grouped_mm import grouped_mm_dw_reference, grouped_mm_reference
 
 # The module (moe_kernels.ops re-exports a function of the same name).
@@ -101,10 +101,10 @@ def test_cuda_backend_is_chosen_for_bf16():
     # A CUDA build on an sm_80+ GPU must pick these kernels (not silently fall back).
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("the CUTLASS kernels need compute capability 8.0 or later")
-    assert B._C_HAS_CUDA and mk.build_info()["cutlass"], mk.build_info()
+    assert S._C_HAS_CUDA and mk.build_info()["cutlass"], mk.build_info()
     x, w = make_inputs([4, 4], 64, 64, 0, torch.bfloat16, "row")
-    assert B.select("grouped_mm", G.BACKENDS, None, x=x, w=w).name == "cuda"
-    assert B.select("grouped_mm", G.BACKENDS, None, x=x, w=w.transpose(1, 2)).name == "cuda"
+    assert S.select("grouped_mm", G.BACKENDS, None, x=x, w=w).name == "cuda"
+    assert S.select("grouped_mm", G.BACKENDS, None, x=x, w=w.transpose(1, 2)).name == "cuda"
 
 
 @gpu
@@ -169,11 +169,11 @@ def test_misaligned_starts_are_copied(arch, layout):
 def test_unsupported_inputs_fall_back_with_reasons():
     x, w = make_inputs([3, 5], 64, 64, 0, torch.float32, "row")
     offs = offsets_of([3, 5])
-    with pytest.raises(B.NoBackendError, match=r"cuda: .*dtype torch.float32"):
+    with pytest.raises(S.NoBackendError, match=r"cuda: .*dtype torch.float32"):
         mk.grouped_mm(x, w, offs, backend="cuda")
     assert mk.grouped_mm(x, w, offs).shape == (8, 64)  # another backend takes it
     x, w = make_inputs([3, 5], 12, 64, 0, torch.bfloat16, "row")  # 24-byte rows
-    with pytest.raises(B.NoBackendError, match="D and F must be multiples of 8"):
+    with pytest.raises(S.NoBackendError, match="D and F must be multiples of 8"):
         mk.grouped_mm(x, w, offs, backend="cuda")
 
 
@@ -191,7 +191,7 @@ def test_backward_matches_reference(arch, sizes, D, F, pad, dtype, layout, offs_
     dy = torch.randn(x.shape[0], F, generator=torch.Generator().manual_seed(5)).to(x)
     offs = offsets_of(sizes, offs_dtype)
     # dx = grouped_mm(dy, w^T) runs on the CUDA backend too (the other B layout).
-    assert B.select("grouped_mm", G.BACKENDS, None, x=dy, w=w.transpose(1, 2)).name == "cuda"
+    assert S.select("grouped_mm", G.BACKENDS, None, x=dy, w=w.transpose(1, 2)).name == "cuda"
     poison_allocator(w.numel(), dtype)
     mk.grouped_mm(x, w, offs, backend="cuda").backward(dy)
     wt = w.detach().double().transpose(1, 2)
@@ -304,7 +304,7 @@ def test_declines_cpu_tensors_with_a_reason():
     x, w = torch.randn(8, 16, dtype=torch.bfloat16), torch.randn(2, 16, 16, dtype=torch.bfloat16)
     reasons = G.CudaGroupedMM().not_supported_reasons(x=x, w=w)
     assert any("needs CUDA tensors, got cpu" in r or "without CUDA" in r for r in reasons), reasons
-    with pytest.raises(B.NoBackendError, match="cuda: "):
+    with pytest.raises(S.NoBackendError, match="cuda: "):
         mk.grouped_mm(x, w, torch.tensor([0, 4, 8]), backend="cuda")
 
 
@@ -312,7 +312,7 @@ def test_alignment_reasons_on_fake_cuda_tensors(monkeypatch):
     # Metadata-only checks, exercised on fake CUDA tensors (no GPU needed).
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    monkeypatch.setattr(B, "_C_HAS_CUDA", True)
+    monkeypatch.setattr(S, "_C_HAS_CUDA", True)
     monkeypatch.setattr(G, "_CUDA_GEMM_ARCHS", (80, 90))
     monkeypatch.setattr(G, "_kernel_arch", lambda device: 90)
     reasons = G.CudaGroupedMM().not_supported_reasons
@@ -341,13 +341,13 @@ cutlass = pytest.mark.skipif(
 def test_workspace_query_needs_no_gpu():
     for arch in G._CUDA_GEMM_ARCHS:
         for kind in (0, 1, 2):
-            small = B._C.grouped_mm_workspace_bytes(arch, kind, 1, 8, 64, 64, 132)
-            large = B._C.grouped_mm_workspace_bytes(arch, kind, 3, 256, 64, 64, 132)
+            small = S._C.grouped_mm_workspace_bytes(arch, kind, 1, 8, 64, 64, 132)
+            large = S._C.grouped_mm_workspace_bytes(arch, kind, 3, 256, 64, 64, 132)
             assert 0 < small < large  # per-group arrays grow with E
     with pytest.raises(ValueError, match="dtype: grouped_mm CUDA kernels take bf16"):
-        B._C.grouped_mm_workspace_bytes(G._CUDA_GEMM_ARCHS[0], 0, 0, 8, 64, 64, 132)
+        S._C.grouped_mm_workspace_bytes(G._CUDA_GEMM_ARCHS[0], 0, 0, 8, 64, 64, 132)
     with pytest.raises(ValueError, match="D: expected a positive multiple of 8"):
-        B._C.grouped_mm_workspace_bytes(G._CUDA_GEMM_ARCHS[0], 0, 1, 8, 60, 64, 132)
+        S._C.grouped_mm_workspace_bytes(G._CUDA_GEMM_ARCHS[0], 0, 1, 8, 60, 64, 132)
 
 
 @cutlass
@@ -373,7 +373,7 @@ def test_launcher_rejects_bad_arguments_before_touching_the_device():
 
     def call(**change):
         a = {**good, **change}
-        B._C.grouped_mm_cuda(arch, a.pop("kind", 0), a.pop("dtype", 1), *a.values())
+        S._C.grouped_mm_cuda(arch, a.pop("kind", 0), a.pop("dtype", 1), *a.values())
 
     with pytest.raises(ValueError, match="kind: expected 0"):
         call(kind=7)
@@ -386,4 +386,4 @@ def test_launcher_rejects_bad_arguments_before_touching_the_device():
     missing = {80, 90} - set(G._CUDA_GEMM_ARCHS)
     if missing:
         with pytest.raises(ValueError, match="were not compiled"):
-            B._C.grouped_mm_cuda(missing.pop(), 0, 1, *good.values())
+            S._C.grouped_mm_cuda(missing.pop(), 0, 1, *good.values())

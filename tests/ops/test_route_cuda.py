@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import moe_kernels as mk
-from moe_kernels.ops import _backend as B
+from moe_kernels.ops import _select as S
 from moe_kernels.ops.route import num_rows, route_reference
 
 from .test_route import assert_plans_equal, check_invariants
@@ -216,7 +216,7 @@ def test_cuda_backend_declines_cpu_tensors_with_a_reason():
 
 
 def test_cuda_backend_limits_are_reasons():
-    cuda = B.by_name(route_mod.BACKENDS, "cuda")
+    cuda = S.by_name(route_mod.BACKENDS, "cuda")
     assert isinstance(cuda, route_mod.CudaRoute) and route_mod.BACKENDS[0] is cuda
     experts = torch.empty(4, 2, dtype=torch.int32)
     reasons = cuda.not_supported_reasons(experts=experts, weights=None, num_experts=9000)
@@ -230,23 +230,23 @@ def test_cpu_selection_unchanged_by_the_cuda_backend():
     assert plan.counts_E.device.type == "cpu" and int(plan.counts_E.sum()) == 16
 
 
-@pytest.mark.skipif(not B._C_HAS_CUDA, reason="moe_kernels._C built without CUDA")
+@pytest.mark.skipif(not S._C_HAS_CUDA, reason="moe_kernels._C built without CUDA")
 def test_compiled_exports_and_binding_checks():
     for name in ("route_cuda", "route_cuda_workspace_size"):
-        assert hasattr(B._C, name), name
-    assert B._C.route_cuda_max_experts == route_mod.CUDA_MAX_EXPERTS
+        assert hasattr(S._C, name), name
+    assert S._C.route_cuda_max_experts == route_mod.CUDA_MAX_EXPERTS
     # No slots: no workspace, answered without touching a device.
-    assert B._C.route_cuda_workspace_size(0, 2, 4, -1, 0, 0) == 0
-    assert B._C.route_cuda_workspace_size(0, 2, 4, 3, 1, 2) == 0
+    assert S._C.route_cuda_workspace_size(0, 2, 4, -1, 0, 0) == 0
+    assert S._C.route_cuda_workspace_size(0, 2, 4, 3, 1, 2) == 0
     with pytest.raises(ValueError, match="E: expected 1 <= E <= 8192, got 9000"):
-        B._C.route_cuda_workspace_size(4, 2, 9000, -1, 0, 0)
+        S._C.route_cuda_workspace_size(4, 2, 9000, -1, 0, 0)
     with pytest.raises(ValueError, match="drop: expected 0"):
-        B._C.route_cuda_workspace_size(4, 2, 8, 3, 2, 0)
+        S._C.route_cuda_workspace_size(4, 2, 8, 3, 2, 0)
     with pytest.raises(ValueError, match="wdtype"):
-        B._C.route_cuda_workspace_size(4, 2, 8, 3, 1, 1)
+        S._C.route_cuda_workspace_size(4, 2, 8, 3, 1, 1)
     # (experts, T, K, E, capacity, drop, weights, wdtype, N, counts, kept, offsets, row_slot,
     #  slot_row, workspace, workspace_bytes, stream)
     with pytest.raises(ValueError, match="weights: required"):
-        B._C.route_cuda(0, 4, 2, 8, 3, 1, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0)
+        S._C.route_cuda(0, 4, 2, 8, 3, 1, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0)
     with pytest.raises(ValueError, match="N: expected >= 0"):
-        B._C.route_cuda(0, 4, 2, 8, -1, 0, 0, 0, -1, 0, 0, 0, 0, 0, 0, 0, 0)
+        S._C.route_cuda(0, 4, 2, 8, -1, 0, 0, 0, -1, 0, 0, 0, 0, 0, 0, 0, 0)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from moe_testbed import logging as names
+from moe_testbed import sinks
 from moe_testbed.rundir import RunDir
 
 
@@ -99,7 +100,7 @@ def _counts(L=2, D=2, E=4):
 
 def test_metrics_log_writes_jsonl_and_counts(tmp_path):
     rd = RunDir(tmp_path / "run")
-    log = names.MetricsLog(rd)
+    log = sinks.MetricsLog(rd)
     log.write({"step": 1, "loss": 2.5})
     c = _counts()
     log.write_counts(1, requested_LDE=c, kept_LDE=c, weight_sum_LDE=c, domains=["a", "b"])
@@ -107,7 +108,7 @@ def test_metrics_log_writes_jsonl_and_counts(tmp_path):
     assert rd.read_metrics() == [{"step": 1, "loss": 2.5}]
     assert rd.list_counts() == [1] and not (rd.path / "tensorboard").exists()
     # ranks other than 0 write nothing
-    idle = names.MetricsLog(RunDir(tmp_path / "other"), active=False)
+    idle = sinks.MetricsLog(RunDir(tmp_path / "other"), active=False)
     idle.write({"step": 1, "loss": 2.5})
     idle.write_counts(1, requested_LDE=c, kept_LDE=c, weight_sum_LDE=c)
     assert not (tmp_path / "other").exists()
@@ -117,13 +118,13 @@ def test_missing_tensorboard_names_the_extra(tmp_path, monkeypatch):
     # What an environment without the tensorboard package sees: the import fails.
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(ImportError) as err:
-        names.require_tensorboard()
+        sinks.require_tensorboard()
     message = str(err.value)
     assert "pip install 'moe-testbed[tensorboard]'" in message and "\n" not in message
     with pytest.raises(ImportError, match=r"moe-testbed\[tensorboard\]"):
-        names.MetricsLog(RunDir(tmp_path), tensorboard=True)
+        sinks.MetricsLog(RunDir(tmp_path), tensorboard=True)
     # a rank that does not write never needs the package
-    names.MetricsLog(RunDir(tmp_path), tensorboard=True, active=False)
+    sinks.MetricsLog(RunDir(tmp_path), tensorboard=True, active=False)
 
 
 def test_tensorboard_sink_writes_scalars_and_heatmaps(tmp_path):
@@ -131,7 +132,7 @@ def test_tensorboard_sink_writes_scalars_and_heatmaps(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     rd = RunDir(tmp_path / "run")
-    log = names.MetricsLog(rd, tensorboard=True)
+    log = sinks.MetricsLog(rd, tensorboard=True)
     records = [
         {"step": 1, "loss": 3.0, "train/all/utilization@log_window": 0.5},
         {"step": 2, "loss": 2.0, "val/de/loss": 2.5, "val/layer1/purity": 0.75},

@@ -5,8 +5,11 @@ import torch
 from triton_helpers import DEVICE, DTYPES, assert_close, random_experts, requires_triton
 
 import moe_kernels as mk
-from moe_kernels.ops.combine import combine_reference, weight_grad_reference
-from moe_kernels.ops.dispatch import dispatch_reference
+from moe_kernels.ops.dispatch_combine import (
+    combine_reference,
+    dispatch_reference,
+    weight_grad_reference,
+)
 from moe_kernels.triton import families
 
 pytestmark = requires_triton
@@ -69,7 +72,7 @@ def test_weight_grad_matches_reference(dtype, T, K, E, D, capacity):
     g = torch.Generator().manual_seed(4)
     a = torch.randn(T, D, generator=g).to(dtype).to(DEVICE)
     b = torch.randn(plan.num_rows, D, generator=g).to(dtype).to(DEVICE)
-    got = families.make("combine").weight_grad(a, b, plan.slot_row_TK, torch.float32)
+    got = families.make("dispatch_combine").weight_grad(a, b, plan.slot_row_TK, torch.float32)
     ref = weight_grad_reference(a.double(), b.double(), plan.slot_row_TK, torch.float64)
     assert got.dtype == torch.float32
     # fp32 products of (exact) bf16/fp32 inputs summed in fp32: a length-D dot product.
@@ -90,8 +93,10 @@ def test_combine_is_the_adjoint_of_dispatch():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_autograd_matches_reference(dtype):
-    # Autograd through both ops with backend="triton" (the adjoint ops in backward are chosen
-    # automatically: C++ cpu on CPU; their Triton kernels are checked directly above).
+    # Autograd through both ops with backend="triton". The adjoint ops in backward follow the one
+    # backward rule (moe_kernels.ops._select.backward_backend): Triton on a GPU, the C++ cpu
+    # backend on CPU, where Triton runs only when named; the Triton kernels of the backward
+    # (dispatch, combine, weight_grad) are checked directly above.
     T, K, E, D = 10, 2, 4, 20
     plan, w0 = make_plan(T, K, E, 4, seed=7)
     g = torch.Generator().manual_seed(8)
@@ -126,5 +131,5 @@ def test_empty_tokens():
     assert mk.dispatch(x, plan, backend="triton").shape == (0, 16)
     y = torch.empty(0, 16, device=DEVICE)
     assert mk.combine(y, None, plan, backend="triton").shape == (0, 16)
-    wg = families.make("combine").weight_grad(x, x, plan.slot_row_TK, torch.float32)
+    wg = families.make("dispatch_combine").weight_grad(x, x, plan.slot_row_TK, torch.float32)
     assert wg.shape == (0, 2)

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from moe_kernels.ops._backend import DEFAULT_TOLERANCES
+from moe_kernels.ops._select import DEFAULT_TOLERANCES
 from moe_kernels.triton import families
 
 # The kernels run where the tests can run them: on the GPU, or on CPU through Triton's
@@ -25,7 +25,7 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 
 def assert_close(actual, expected, dtype, what="", *, reduction=None):
-    """Compare with the per-dtype tolerance of moe_kernels.ops._backend.
+    """Compare with the per-dtype tolerance of moe_kernels.ops._select.
 
     ``reduction``: for GEMM outputs, the length of the dot products. Each output is then a sum of
     ``reduction`` products of unit-scale values, so its magnitude, and the accumulation error on

@@ -6,7 +6,7 @@
 #include <string>
 
 #include "cuda/check.h"
-#include "cuda/gating.h"
+#include "cuda/topk_gating.h"
 #include "registry.h"
 
 using moe::cuda::as_ptr;
@@ -34,7 +34,7 @@ void check_sizes(const char* op, int dtype, int64_t T, int64_t E, int64_t K, int
 
 }  // namespace
 
-MOE_BINDINGS(cuda_gating) {
+MOE_BINDINGS(cuda_topk_gating) {
   m.def("topk_gating_cuda", [](ptr logits, int dtype, int64_t T, int64_t E, int64_t K, int score,
                                ptr bias, bool normalize, ptr weights, ptr experts,
                                intptr_t stream) {

@@ -5,7 +5,7 @@ import torch
 from triton_helpers import DEVICE, assert_close, random_experts, requires_triton
 
 import moe_kernels as mk
-from moe_kernels.ops.histogram import routing_histogram_reference
+from moe_kernels.ops.routing_histogram import routing_histogram_reference
 
 pytestmark = requires_triton
 

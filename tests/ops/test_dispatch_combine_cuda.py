@@ -1,4 +1,5 @@
-"""CUDA dispatch, combine and weight_grad (csrc/cuda/permute.cu) against the plain-torch references.
+"""CUDA dispatch, combine and weight_grad (csrc/cuda/dispatch_combine.cu) against the plain-torch
+references.
 
 GPU tests (marked ``gpu``) force ``backend=BACKEND`` on random plans built on the CPU and moved to
 the device, so they exercise these kernels and nothing else. Dispatch (a copy or one rounded
@@ -18,11 +19,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moe_kernels as mk
-from moe_kernels.ops import _backend as B
-from moe_kernels.ops.combine import BACKENDS as COMBINE_BACKENDS
-from moe_kernels.ops.combine import combine_reference, weight_grad_reference
-from moe_kernels.ops.dispatch import BACKENDS as DISPATCH_BACKENDS
-from moe_kernels.ops.dispatch import dispatch_reference
+from moe_kernels.ops import _select as S
+from moe_kernels.ops.dispatch_combine import (
+    BACKENDS,
+    combine_reference,
+    dispatch_reference,
+    weight_grad_reference,
+)
 from moe_kernels.ops.route import RoutingPlan
 
 from .util import assert_close, random_experts
@@ -58,7 +61,7 @@ def randn(*shape, dtype, seed):
 
 def gate_weights(T, K, dtype, seed):
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(T, K, generator=g).to(B.weight_dtype_for(dtype)).to(DEVICE)
+    return torch.rand(T, K, generator=g).to(S.weight_dtype_for(dtype)).to(DEVICE)
 
 
 def poison_cache():
@@ -79,8 +82,8 @@ def assert_equal(actual, expected, what):
 def assert_dot_close(grad_w, a, b, slot_row, dtype, what):
     """grad_w[t, k] = <a[t], b[slot_row[t, k]]>: within the accumulation dtype's tolerance of the
     fp64 value, relative to sum_i |a_i b_i| (the error bound of a summed dot product)."""
-    acc = B.weight_dtype_for(dtype)
-    tol = B.DEFAULT_TOLERANCES[acc]
+    acc = S.weight_dtype_for(dtype)
+    tol = S.DEFAULT_TOLERANCES[acc]
     exact = weight_grad_reference(a.double(), b.double(), slot_row, torch.float64)
     scale = weight_grad_reference(a.double().abs(), b.double().abs(), slot_row, torch.float64)
     assert grad_w.dtype == acc and grad_w.shape == slot_row.shape
@@ -102,7 +105,7 @@ def reference_grads(fn, inputs, g):
 
 def assert_weight_grad_close(actual, expected, a, b, slot_row, dtype, what):
     """Weight gradients against fp64 ones, bounded as in assert_dot_close."""
-    tol = B.DEFAULT_TOLERANCES[B.weight_dtype_for(dtype)]
+    tol = S.DEFAULT_TOLERANCES[S.weight_dtype_for(dtype)]
     scale = weight_grad_reference(a.double().abs(), b.double().abs(), slot_row, torch.float64)
     err = (actual.double() - expected.double()).abs()
     assert torch.all(err <= tol.atol + tol.rtol * scale), what
@@ -151,7 +154,7 @@ def test_weight_grad_matches_reference(dtype, T, D, K, E, capacity):
     plan = make_plan(T, K, E, capacity)
     a = randn(T, D, dtype=dtype, seed=3)
     b = randn(plan.num_rows, D, dtype=dtype, seed=4)
-    wdtype = B.weight_dtype_for(dtype)
+    wdtype = S.weight_dtype_for(dtype)
     poison_cache()
     dw = torch.ops.moe_kernels.weight_grad(a, b, plan.slot_row_TK, wdtype, BACKEND)
     assert_dot_close(dw, a, b, plan.slot_row_TK, dtype, "weight_grad")
@@ -225,7 +228,7 @@ def test_property_cuda_equals_reference(T, D, E, data, cf, seed, dtype):
         mk.combine(y, w, plan, backend=BACKEND), combine_reference(y, plan.slot_row_TK, w)
     )
     dw = torch.ops.moe_kernels.weight_grad(
-        x, y, plan.slot_row_TK, B.weight_dtype_for(dtype), BACKEND
+        x, y, plan.slot_row_TK, S.weight_dtype_for(dtype), BACKEND
     )
     assert_dot_close(dw, x, y, plan.slot_row_TK, dtype, "weight_grad")
 
@@ -376,57 +379,57 @@ def test_cuda_graph_capture():
 def test_automatic_selection_picks_cuda(dtype):
     x = randn(4, 8, dtype=dtype, seed=31)
     w = gate_weights(4, 2, dtype, seed=32)
-    assert B.select("dispatch", DISPATCH_BACKENDS, None, x=x, weights=w).name == "cuda"
-    assert B.select("combine", COMBINE_BACKENDS, None, y=x, weights=w).name == "cuda"
+    assert S.select("dispatch", BACKENDS, None, x=x, weights=w).name == "cuda"
+    assert S.select("combine", BACKENDS, None, x=x, weights=w).name == "cuda"
 
 
 # ---- CPU-runnable checks --------------------------------------------------------------------
 
 
 def test_cuda_backend_is_first_and_declines_cpu_tensors():
-    assert DISPATCH_BACKENDS[0].name == "cuda" and COMBINE_BACKENDS[0].name == "cuda"
+    # One backend list serves the adjoint pair: its cuda backend runs both dispatch and combine.
+    assert BACKENDS[0].name == "cuda"
     x = torch.randn(8, 16)
-    assert "needs CUDA tensors, got cpu" in DISPATCH_BACKENDS[0].not_supported_reasons(x=x)
-    assert "needs CUDA tensors, got cpu" in COMBINE_BACKENDS[0].not_supported_reasons(y=x)
+    assert "needs CUDA tensors, got cpu" in BACKENDS[0].not_supported_reasons(x=x, weights=None)
     plan = mk.route(random_experts(8, 2, 4), 4)
-    with pytest.raises(B.NoBackendError, match="cuda: .*needs CUDA tensors, got cpu"):
+    with pytest.raises(S.NoBackendError, match="cuda: .*needs CUDA tensors, got cpu"):
         mk.dispatch(x, plan, backend="cuda")
-    with pytest.raises(B.NoBackendError, match="cuda: .*needs CUDA tensors, got cpu"):
+    with pytest.raises(S.NoBackendError, match="cuda: .*needs CUDA tensors, got cpu"):
         mk.combine(torch.randn(16, 16), None, plan, backend="cuda")
 
 
 def test_cuda_backend_declines_weights_it_has_no_kernel_for():
     x = torch.randn(8, 16)
-    reasons = DISPATCH_BACKENDS[0].not_supported_reasons(
-        x=x, weights=torch.rand(8, 2, dtype=torch.bfloat16)
-    )
+    reasons = BACKENDS[0].not_supported_reasons(x=x, weights=torch.rand(8, 2, dtype=torch.bfloat16))
     assert "weights dtype torch.bfloat16 not in [torch.float32, torch.float64]" in reasons
 
 
-@pytest.mark.skipif(B._C is None, reason="moe_kernels._C is not built")
+@pytest.mark.skipif(S._C is None, reason="moe_kernels._C is not built")
 def test_cuda_backend_says_when_built_without_cuda(monkeypatch):
-    monkeypatch.setattr(B, "_C_HAS_CUDA", False)
+    monkeypatch.setattr(S, "_C_HAS_CUDA", False)
     x = torch.randn(8, 16)
-    assert "moe_kernels._C was built without CUDA" in COMBINE_BACKENDS[0].not_supported_reasons(y=x)
+    assert "moe_kernels._C was built without CUDA" in BACKENDS[0].not_supported_reasons(
+        x=x, weights=None
+    )
 
 
-needs_cuda_build = pytest.mark.skipif(not B._C_HAS_CUDA, reason="moe_kernels._C built without CUDA")
+needs_cuda_build = pytest.mark.skipif(not S._C_HAS_CUDA, reason="moe_kernels._C built without CUDA")
 
 
 @needs_cuda_build
-def test_C_exports_the_permute_kernels():
+def test_C_exports_the_dispatch_combine_kernels():
     for name in ("dispatch_cuda", "combine_cuda", "weight_grad_cuda"):
-        assert callable(getattr(B._C, name)), name
+        assert callable(getattr(S._C, name)), name
 
 
 @needs_cuda_build
 def test_bindings_reject_bad_dtype_codes():
     # Checked on the host before any CUDA call, so this runs without a GPU.
     with pytest.raises(ValueError, match="x_TD: unsupported dtype code 9"):
-        B._C.dispatch_cuda(0, 9, 0, 8, 2, 0, 0, 0, 0, 0, 0)
+        S._C.dispatch_cuda(0, 9, 0, 8, 2, 0, 0, 0, 0, 0, 0)
     with pytest.raises(ValueError, match="weights_TK: unsupported dtype code 1"):
-        B._C.combine_cuda(0, 0, 0, 8, 0, 0, 2, 16, 1, 0, 0)
+        S._C.combine_cuda(0, 0, 0, 8, 0, 0, 2, 16, 1, 0, 0)
     with pytest.raises(ValueError, match="y_ND: unsupported dtype code -1"):
-        B._C.combine_cuda(0, -1, 0, 8, 0, 0, 2, 0, 0, 0, 0)
+        S._C.combine_cuda(0, -1, 0, 8, 0, 0, 2, 0, 0, 0, 0)
     with pytest.raises(ValueError, match="grad_w_TK: unsupported dtype code 1"):
-        B._C.weight_grad_cuda(0, 0, 0, 0, 8, 2, 0, 0, 1, 0)
+        S._C.weight_grad_cuda(0, 0, 0, 0, 8, 2, 0, 0, 1, 0)

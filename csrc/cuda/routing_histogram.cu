@@ -5,7 +5,7 @@
 // bins do not fit in shared memory.
 #include <cuda_runtime.h>
 
-#include "cuda/ops.h"
+#include "cuda/routing_histogram.h"
 
 namespace moe::cuda {
 namespace {
@@ -14,11 +14,12 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxSharedBins = 4096;  // 4096 x (8 + 4) bytes = 48 KiB
 
 template <bool kShared>
-__global__ void histogram_kernel(const int32_t* __restrict__ experts,
-                                 const int64_t* __restrict__ labels,
-                                 const float* __restrict__ weights, int64_t T, int64_t K, int64_t G,
-                                 int64_t E, unsigned long long* __restrict__ counts,
-                                 float* __restrict__ wsum) {
+__global__ void routing_histogram_kernel(const int32_t* __restrict__ experts,
+                                         const int64_t* __restrict__ labels,
+                                         const float* __restrict__ weights, int64_t T, int64_t K,
+                                         int64_t G, int64_t E,
+                                         unsigned long long* __restrict__ counts,
+                                         float* __restrict__ wsum) {
   extern __shared__ unsigned char smem[];
   const int64_t bins = G * E;
   unsigned long long* s_counts = reinterpret_cast<unsigned long long*>(smem);
@@ -67,15 +68,13 @@ int routing_histogram(const int32_t* experts, const int64_t* labels, const float
   auto* c = reinterpret_cast<unsigned long long*>(counts);
   if (G * E <= kMaxSharedBins) {
     const size_t shmem = G * E * (sizeof(unsigned long long) + (weights ? sizeof(float) : 0));
-    histogram_kernel<true><<<blocks, kThreads, shmem, s>>>(experts, labels, weights, T, K, G, E,
-                                                           c, wsum);
+    routing_histogram_kernel<true>
+        <<<blocks, kThreads, shmem, s>>>(experts, labels, weights, T, K, G, E, c, wsum);
   } else {
-    histogram_kernel<false><<<blocks, kThreads, 0, s>>>(experts, labels, weights, T, K, G, E, c,
-                                                        wsum);
+    routing_histogram_kernel<false>
+        <<<blocks, kThreads, 0, s>>>(experts, labels, weights, T, K, G, E, c, wsum);
   }
   return static_cast<int>(cudaGetLastError());
 }
-
-const char* error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
 
 }  // namespace moe::cuda

@@ -1,4 +1,4 @@
-// Python bindings of the CUDA dispatch, combine and gate-weight gradient (cuda/permute.h).
+// Python bindings of the CUDA dispatch, combine and gate-weight gradient (cuda/dispatch_combine.h).
 // Python validates shapes, devices and contiguity; the dtype codes are checked here so a bad
 // code is a ValueError naming the argument rather than a CUDA error.
 #include <pybind11/pybind11.h>
@@ -7,7 +7,7 @@
 
 #include "common.h"
 #include "cuda/check.h"
-#include "cuda/permute.h"
+#include "cuda/dispatch_combine.h"
 #include "registry.h"
 
 using moe::cuda::as_ptr;
@@ -27,7 +27,7 @@ void check_weight(int code, const char* arg) {
 
 }  // namespace
 
-MOE_BINDINGS(cuda_permute) {
+MOE_BINDINGS(cuda_dispatch_combine) {
   m.def("dispatch_cuda", [](ptr x, int dtype, int64_t T, int64_t D, int64_t K, ptr row_slot,
                             int64_t N, ptr weights, int wdtype, ptr out, intptr_t stream) {
     check_storage(dtype, "x_TD");

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.ops import _backend as B
+from moe_kernels.ops import _select as S
+from moe_kernels.triton import families
 
 
 def routing_histogram_reference(experts_TK, labels_T, out_GE, weights_TK=None, out_w_GE=None):
@@ -37,61 +38,64 @@ def routing_histogram_reference(experts_TK, labels_T, out_GE, weights_TK=None, o
         out_w_GE.view(-1).index_add_(0, idx, weights_TK.reshape(-1)[valid].to(out_w_GE.dtype))
 
 
-class ReferenceHistogram(B.Backend):
+class ReferenceRoutingHistogram(S.Backend):
     name = "reference"
+
+    def not_supported_reasons(self, experts, out):
+        return []
 
     def forward(self, experts, labels, out, weights, out_w):
         routing_histogram_reference(experts, labels, out, weights, out_w)
 
 
-class CpuHistogram(B.Backend):
+class CpuRoutingHistogram(S.Backend):
     name = "cpu"
 
-    def not_supported_reasons(self, experts, out, **_):
-        return B.cpu_reasons(experts, out)
+    def not_supported_reasons(self, experts, out):
+        return S.cpu_reasons(experts, out)
 
     def forward(self, experts, labels, out, weights, out_w):
         T, K = experts.shape
         G, E = out.shape
-        B._C.routing_histogram_cpu(
-            B.ptr(experts), B.ptr(labels), B.ptr(weights), T, K, G, E, B.ptr(out), B.ptr(out_w)
+        S._C.routing_histogram_cpu(
+            S.ptr(experts), S.ptr(labels), S.ptr(weights), T, K, G, E, S.ptr(out), S.ptr(out_w)
         )
 
 
-class CudaHistogram(B.Backend):
+class CudaRoutingHistogram(S.Backend):
     name = "cuda"
 
-    def not_supported_reasons(self, experts, out, **_):
-        return B.cuda_reasons(experts, out)
+    def not_supported_reasons(self, experts, out):
+        return S.cuda_reasons(experts, out)
 
     def forward(self, experts, labels, out, weights, out_w):
         T, K = experts.shape
         G, E = out.shape
-        stream = B.cuda_stream(experts)
-        B._C.routing_histogram_cuda(
-            B.ptr(experts),
-            B.ptr(labels),
-            B.ptr(weights),
+        stream = S.cuda_stream(experts)
+        S._C.routing_histogram_cuda(
+            S.ptr(experts),
+            S.ptr(labels),
+            S.ptr(weights),
             T,
             K,
             G,
             E,
-            B.ptr(out),
-            B.ptr(out_w),
+            S.ptr(out),
+            S.ptr(out_w),
             stream,
         )
 
 
-BACKENDS: list[B.Backend] = [
-    CudaHistogram(),
-    B.triton_backend("routing_histogram"),
-    CpuHistogram(),
-    ReferenceHistogram(),
+BACKENDS: list[S.Backend] = [
+    CudaRoutingHistogram(),
+    families.make("routing_histogram"),
+    CpuRoutingHistogram(),
+    ReferenceRoutingHistogram(),
 ]
 
 
 @torch.library.custom_op("moe_kernels::routing_histogram", mutates_args=("out", "out_w"))
-def _histogram_op(
+def _routing_histogram_op(
     experts: torch.Tensor,
     labels: torch.Tensor,
     out: torch.Tensor,
@@ -99,10 +103,10 @@ def _histogram_op(
     out_w: torch.Tensor | None,
     backend: str,
 ) -> None:
-    B.by_name(BACKENDS, backend).forward(experts, labels, out, weights, out_w)
+    S.by_name(BACKENDS, backend).forward(experts, labels, out, weights, out_w)
 
 
-@_histogram_op.register_fake
+@_routing_histogram_op.register_fake
 def _(experts, labels, out, weights, out_w, backend):
     return None
 
@@ -127,12 +131,12 @@ def routing_histogram(
 
     Raises: TypeError/ValueError naming the argument (dtype, shape, device, ids >= E, labels >= G).
     """
-    B.check_tensor("experts_TK", experts_TK, ndim=2, dtypes=(torch.int32, torch.int64))
+    S.check_tensor("experts_TK", experts_TK, ndim=2, dtypes=(torch.int32, torch.int64))
     dev = experts_TK.device
-    B.check_tensor("labels_T", labels_T, ndim=1, dtypes=(torch.int32, torch.int64), device=dev)
-    B.check_shape("labels_T", labels_T, (experts_TK.shape[0],))
-    B.check_tensor("out_GE", out_GE, ndim=2, dtypes=(torch.int64,), device=dev)
-    B.check_contiguous("out_GE", out_GE)
+    S.check_tensor("labels_T", labels_T, ndim=1, dtypes=(torch.int32, torch.int64), device=dev)
+    S.check_shape("labels_T", labels_T, (experts_TK.shape[0],))
+    S.check_tensor("out_GE", out_GE, ndim=2, dtypes=(torch.int64,), device=dev)
+    S.check_contiguous("out_GE", out_GE)
     if (weights_TK is None) != (out_w_GE is None):
         raise ValueError(
             "weights_TK, out_w_GE: expected both or neither, got "
@@ -140,13 +144,13 @@ def routing_histogram(
             f"out_w_GE={'a tensor' if out_w_GE is not None else None}"
         )
     if weights_TK is not None:
-        B.check_tensor("weights_TK", weights_TK, ndim=2, dtypes=B.FLOAT_DTYPES, device=dev)
-        B.check_shape("weights_TK", weights_TK, tuple(experts_TK.shape))
-        B.check_tensor("out_w_GE", out_w_GE, ndim=2, dtypes=(torch.float32,), device=dev)
-        B.check_shape("out_w_GE", out_w_GE, tuple(out_GE.shape))
-        B.check_contiguous("out_w_GE", out_w_GE)
+        S.check_tensor("weights_TK", weights_TK, ndim=2, dtypes=S.FLOAT_DTYPES, device=dev)
+        S.check_shape("weights_TK", weights_TK, tuple(experts_TK.shape))
+        S.check_tensor("out_w_GE", out_w_GE, ndim=2, dtypes=(torch.float32,), device=dev)
+        S.check_shape("out_w_GE", out_w_GE, tuple(out_GE.shape))
+        S.check_contiguous("out_w_GE", out_w_GE)
         weights_TK = weights_TK.detach().float().contiguous()
     experts = experts_TK.detach().to(torch.int32).contiguous()
     labels = labels_T.detach().to(torch.int64).contiguous()
-    chosen = B.select("routing_histogram", BACKENDS, backend, experts=experts, out=out_GE)
-    _histogram_op(experts, labels, out_GE, weights_TK, out_w_GE, chosen.name)
+    chosen = S.select("routing_histogram", BACKENDS, backend, experts=experts, out=out_GE)
+    _routing_histogram_op(experts, labels, out_GE, weights_TK, out_w_GE, chosen.name)

@@ -1,5 +1,10 @@
-// Combine on CPU: the weighted un-permute (adjoint of dispatch) and its gate-weight gradient.
-// Each output token sums its K slots in slot order in fp32 (fp64 for fp64): deterministic.
+// Dispatch and combine on CPU: the adjoint pair of the routing plan. Dispatch gathers token rows
+// into expert-contiguous rows (optionally scaled by the slot's gate weight); combine is the
+// weighted un-permute back to tokens, and weight_grad the gate-weight gradient of both. Dispatch
+// writes each output row from one thread; combine sums each token's K slots in slot order in fp32
+// (fp64 for fp64). Both are deterministic, with no atomics.
+#include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "common.h"
@@ -7,6 +12,28 @@
 
 namespace moe::cpu {
 namespace {
+
+template <typename T, typename W>
+void dispatch_impl(const T* x, int64_t D, int64_t K, const int32_t* row_slot, int64_t N,
+                   const W* weights, T* out) {
+  using A = typename Acc<T>::type;
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    T* o = out + n * D;
+    const int32_t slot = row_slot[n];
+    if (slot < 0) {
+      for (int64_t d = 0; d < D; ++d) store(o + d, A(0));
+      continue;
+    }
+    const T* src = x + (slot / K) * D;
+    if (weights) {
+      const A w = static_cast<A>(weights[slot]);
+      for (int64_t d = 0; d < D; ++d) store(o + d, w * load(src + d));
+    } else {
+      std::memcpy(o, src, D * sizeof(T));
+    }
+  }
+}
 
 template <typename T, typename W>
 void combine_impl(const T* y, int64_t D, const int32_t* slot_row, int64_t T_, int64_t K,
@@ -51,6 +78,19 @@ void weight_grad_impl(const T* a, const T* b, int64_t T_, int64_t D, int64_t K,
 }
 
 }  // namespace
+
+void dispatch(const void* x, int dtype, int64_t /*T*/, int64_t D, int64_t K,
+              const int32_t* row_slot, int64_t N, const void* weights, int wdtype, void* out) {
+  dispatch_float(dtype, "x_TD", [&](auto tag) {
+    using S = decltype(tag);
+    if (wdtype == kFloat64)
+      dispatch_impl<S, double>(static_cast<const S*>(x), D, K, row_slot, N,
+                               static_cast<const double*>(weights), static_cast<S*>(out));
+    else
+      dispatch_impl<S, float>(static_cast<const S*>(x), D, K, row_slot, N,
+                              static_cast<const float*>(weights), static_cast<S*>(out));
+  });
+}
 
 void combine(const void* y, int dtype, int64_t /*N*/, int64_t D, const int32_t* slot_row,
              int64_t T, int64_t K, const void* weights, int wdtype, void* out) {

@@ -2,13 +2,13 @@
 #include <cstdint>
 
 #include "cuda/check.h"
-#include "cuda/ops.h"
+#include "cuda/routing_histogram.h"
 #include "registry.h"
 
 using moe::cuda::as_ptr;
 using ptr = std::uintptr_t;
 
-MOE_BINDINGS(cuda_histogram) {
+MOE_BINDINGS(cuda_routing_histogram) {
   m.def("routing_histogram_cuda", [](ptr experts, ptr labels, ptr weights, int64_t T, int64_t K,
                                      int64_t G, int64_t E, ptr counts, ptr wsum, intptr_t stream) {
     moe::cuda::check(

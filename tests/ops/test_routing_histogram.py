@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moe_kernels as mk
-from moe_kernels.ops.histogram import routing_histogram_reference
+from moe_kernels.ops.routing_histogram import routing_histogram_reference
 
 from .util import CPU_BACKENDS, random_experts
 

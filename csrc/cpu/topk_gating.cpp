@@ -28,7 +28,7 @@ inline void topk_insert(A v, int32_t e, A* vals, int32_t* idx, int64_t& n, int64
 }
 
 template <typename T>
-int64_t gating_impl(const T* logits, int64_t T_, int64_t E, int64_t K, int score,
+int64_t topk_gating_impl(const T* logits, int64_t T_, int64_t E, int64_t K, int score,
                     const float* bias, bool normalize, typename Acc<T>::type* weights,
                     int32_t* experts) {
   using A = typename Acc<T>::type;
@@ -97,7 +97,7 @@ void topk_gating(const void* logits, int dtype, int64_t T, int64_t E, int64_t K,
   int64_t bad = T;
   dispatch_float(dtype, "logits_TE", [&](auto tag) {
     using S = decltype(tag);
-    bad = gating_impl<S>(static_cast<const S*>(logits), T, E, K, score, bias, normalize,
+    bad = topk_gating_impl<S>(static_cast<const S*>(logits), T, E, K, score, bias, normalize,
                          static_cast<typename Acc<S>::type*>(weights), experts);
   });
   if (bad < T)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.ops import _backend as B
+from moe_kernels.ops import _select as S
+from moe_kernels.triton import families
 
 SCORES = ("softmax", "sigmoid")
 
@@ -28,7 +29,7 @@ def router_scores(logits_TE: torch.Tensor, score: str) -> torch.Tensor:
 def topk_gating_reference(logits_TE, k, score="softmax", bias_E=None, normalize=True):
     """Plain-torch gating. Selection on the logits themselves when there is no bias (the scores
     are monotonic in them), so exact ties resolve identically in every backend."""
-    acc = B.weight_dtype_for(logits_TE.dtype)
+    acc = S.weight_dtype_for(logits_TE.dtype)
     z = logits_TE.to(acc)
     if z.numel() and not bool(torch.isfinite(z).all()):
         bad = int((~torch.isfinite(z)).any(-1).nonzero()[0, 0])
@@ -42,9 +43,10 @@ def topk_gating_reference(logits_TE, k, score="softmax", bias_E=None, normalize=
     return w, experts.to(torch.int32)
 
 
-def gating_backward(grad_w_TK, logits_TE, experts_TK, score, normalize):
-    """d(loss)/d(logits) from d(loss)/d(weights), in plain torch (shared by every backend)."""
-    acc = B.weight_dtype_for(logits_TE.dtype)
+def topk_gating_backward_reference(grad_w_TK, logits_TE, experts_TK, score, normalize):
+    """d(loss)/d(logits) from d(loss)/d(weights), in plain torch (the reference backend's
+    backward, taken by every backend without a backward kernel)."""
+    acc = S.weight_dtype_for(logits_TE.dtype)
     z = logits_TE.to(acc)
     s = router_scores(z, score)
     idx = experts_TK.long()
@@ -61,103 +63,111 @@ def gating_backward(grad_w_TK, logits_TE, experts_TK, score, normalize):
     return dz.to(logits_TE.dtype)
 
 
-class ReferenceGating(B.Backend):
+class ReferenceTopkGating(S.Backend):
     name = "reference"
+
+    def not_supported_reasons(self, logits, bias, k):
+        return []
 
     def forward(self, logits, k, score, bias, normalize):
         return topk_gating_reference(logits, k, score, bias, normalize)
 
+    def backward(self, grad_w, logits, experts, score, normalize):
+        return topk_gating_backward_reference(grad_w, logits, experts, score, normalize)
 
-class CpuGating(B.Backend):
+
+class CpuTopkGating(S.Backend):
+    """C++ forward (csrc/cpu/topk_gating.cpp); no backward kernel (the reference's is taken)."""
+
     name = "cpu"
 
-    def not_supported_reasons(self, logits, **_):
-        return B.cpu_reasons(logits)
+    def not_supported_reasons(self, logits, bias, k):
+        return S.cpu_reasons(logits)
 
     def forward(self, logits, k, score, bias, normalize):
         T, E = logits.shape
-        w = torch.empty(T, k, dtype=B.weight_dtype_for(logits.dtype))
+        w = torch.empty(T, k, dtype=S.weight_dtype_for(logits.dtype))
         experts = torch.empty(T, k, dtype=torch.int32)
-        B._C.topk_gating_cpu(
-            B.ptr(logits),
-            B.DTYPE_CODES[logits.dtype],
+        S._C.topk_gating_cpu(
+            S.ptr(logits),
+            S.DTYPE_CODES[logits.dtype],
             T,
             E,
             k,
             SCORES.index(score),
-            B.ptr(bias),
+            S.ptr(bias),
             normalize,
-            B.ptr(w),
-            B.ptr(experts),
+            S.ptr(w),
+            S.ptr(experts),
         )
         return w, experts
 
 
-# Limits of the CUDA kernels (csrc/cuda/gating.h; _C.gating_cuda_max_experts / _max_top_k).
+# Limits of the CUDA kernels (csrc/cuda/topk_gating.h; _C.gating_cuda_max_experts / _max_top_k).
 CUDA_MAX_EXPERTS = 256
 CUDA_MAX_TOP_K = 16
 
 
-class CudaGating(B.Backend):
-    """One warp per token (csrc/cuda/gating.cu); E <= 256, k <= 16; has its own backward."""
+class CudaTopkGating(S.Backend):
+    """One warp per token (csrc/cuda/topk_gating.cu); E <= 256, k <= 16; has its own backward."""
 
     name = "cuda"
 
-    def not_supported_reasons(self, logits, bias=None, k=None, **_):
-        reasons = B.cuda_reasons(logits, bias, dtypes=B.FLOAT_DTYPES)
+    def not_supported_reasons(self, logits, bias, k):
+        reasons = S.cuda_reasons(logits, bias, dtypes=S.FLOAT_DTYPES)
         E = logits.shape[-1]
         if E > CUDA_MAX_EXPERTS:
             reasons.append(f"E = {E} experts > {CUDA_MAX_EXPERTS} (one warp holds a token's row)")
-        if k is not None and k > CUDA_MAX_TOP_K:
+        if k > CUDA_MAX_TOP_K:
             reasons.append(f"k = {k} > {CUDA_MAX_TOP_K}")
         return reasons
 
     def forward(self, logits, k, score, bias, normalize):
         T, E = logits.shape
-        w = torch.empty(T, k, dtype=B.weight_dtype_for(logits.dtype), device=logits.device)
+        w = torch.empty(T, k, dtype=S.weight_dtype_for(logits.dtype), device=logits.device)
         experts = torch.empty(T, k, dtype=torch.int32, device=logits.device)
-        B._C.topk_gating_cuda(
-            B.ptr(logits),
-            B.DTYPE_CODES[logits.dtype],
+        S._C.topk_gating_cuda(
+            S.ptr(logits),
+            S.DTYPE_CODES[logits.dtype],
             T,
             E,
             k,
             SCORES.index(score),
-            B.ptr(bias),
+            S.ptr(bias),
             normalize,
-            B.ptr(w),
-            B.ptr(experts),
-            B.cuda_stream(logits),
+            S.ptr(w),
+            S.ptr(experts),
+            S.cuda_stream(logits),
         )
         return w, experts
 
     def backward(self, grad_w, logits, experts, score, normalize):
         T, E = logits.shape
         K = experts.shape[1]
-        grad_w = grad_w.to(B.weight_dtype_for(logits.dtype)).contiguous()
+        grad_w = grad_w.to(S.weight_dtype_for(logits.dtype)).contiguous()
         experts = experts.contiguous()
         dlogits = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        B._C.topk_gating_backward_cuda(
-            B.ptr(grad_w),
-            B.ptr(logits),
-            B.DTYPE_CODES[logits.dtype],
-            B.ptr(experts),
+        S._C.topk_gating_backward_cuda(
+            S.ptr(grad_w),
+            S.ptr(logits),
+            S.DTYPE_CODES[logits.dtype],
+            S.ptr(experts),
             T,
             E,
             K,
             SCORES.index(score),
             normalize,
-            B.ptr(dlogits),
-            B.cuda_stream(logits),
+            S.ptr(dlogits),
+            S.cuda_stream(logits),
         )
         return dlogits
 
 
-BACKENDS: list[B.Backend] = [
-    CudaGating(),
-    B.triton_backend("gating"),
-    CpuGating(),
-    ReferenceGating(),
+BACKENDS: list[S.Backend] = [
+    CudaTopkGating(),
+    families.make("topk_gating"),
+    CpuTopkGating(),
+    ReferenceTopkGating(),
 ]
 
 
@@ -170,13 +180,13 @@ def _topk_gating_op(
     normalize: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return B.by_name(BACKENDS, backend).forward(logits, k, score, bias, normalize)
+    return S.by_name(BACKENDS, backend).forward(logits, k, score, bias, normalize)
 
 
 @_topk_gating_op.register_fake
 def _(logits, k, score, bias, normalize, backend):
     T = logits.shape[0]
-    w = logits.new_empty(T, k, dtype=B.weight_dtype_for(logits.dtype))
+    w = logits.new_empty(T, k, dtype=S.weight_dtype_for(logits.dtype))
     return w, logits.new_empty(T, k, dtype=torch.int32)
 
 
@@ -189,7 +199,7 @@ def _topk_gating_backward_op(
     normalize: bool,
     backend: str,
 ) -> torch.Tensor:
-    return B.by_name(BACKENDS, backend).backward(grad_w, logits, experts, score, normalize)
+    return S.by_name(BACKENDS, backend).backward(grad_w, logits, experts, score, normalize)
 
 
 @_topk_gating_backward_op.register_fake
@@ -204,13 +214,25 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, grad_w, _grad_experts):
-    """A backend with a ``backward`` method (CUDA) computes dlogits with its own kernel, through
-    a custom op so torch.compile can trace it; the others use plain-torch gating_backward."""
+    """dlogits on the backend that the one backward rule picks (moe_kernels.ops._select
+    .backward_backend): the forward's when it has a ``backward`` (CUDA, reference), else the first
+    in automatic order that has one. A kernel runs through the topk_gating_backward custom op so
+    torch.compile can trace it; the reference's plain-torch backward runs inline, so it stays
+    differentiable (double backward) and visible to the compiler."""
     logits, experts = ctx.saved_tensors
-    if hasattr(B.by_name(BACKENDS, ctx.backend), "backward"):
-        d = _topk_gating_backward_op(grad_w, logits, experts, ctx.score, ctx.normalize, ctx.backend)
+    chosen = S.backward_backend(
+        "topk_gating_backward",
+        BACKENDS,
+        ctx.backend,
+        "backward",
+        logits=logits,
+        bias=None,
+        k=experts.shape[1],
+    )
+    if chosen.name == "reference":
+        d = chosen.backward(grad_w, logits, experts, ctx.score, ctx.normalize)
     else:
-        d = gating_backward(grad_w, logits, experts, ctx.score, ctx.normalize)
+        d = _topk_gating_backward_op(grad_w, logits, experts, ctx.score, ctx.normalize, chosen.name)
     return d, *([None] * 5)
 
 
@@ -246,8 +268,8 @@ def topk_gating(
         does not raise on NaN or inf logits (that would need a host synchronisation): it returns
         NaN weights and expert ids -1 for those tokens (see the module docstring).
     """
-    B.check_tensor("logits_TE", logits_TE, ndim=2, dtypes=B.FLOAT_DTYPES)
-    B.check_contiguous("logits_TE", logits_TE)
+    S.check_tensor("logits_TE", logits_TE, ndim=2, dtypes=S.FLOAT_DTYPES)
+    S.check_contiguous("logits_TE", logits_TE)
     T, E = logits_TE.shape
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k: expected an int, got {type(k).__name__}")
@@ -256,8 +278,8 @@ def topk_gating(
     if score not in SCORES:
         raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
     if bias_E is not None:
-        B.check_tensor("bias_E", bias_E, ndim=1, dtypes=B.FLOAT_DTYPES, device=logits_TE.device)
-        B.check_shape("bias_E", bias_E, (E,))
+        S.check_tensor("bias_E", bias_E, ndim=1, dtypes=S.FLOAT_DTYPES, device=logits_TE.device)
+        S.check_shape("bias_E", bias_E, (E,))
         bias_E = bias_E.detach().to(torch.float32).contiguous()
-    chosen = B.select("topk_gating", BACKENDS, backend, logits=logits_TE, bias=bias_E, k=k)
+    chosen = S.select("topk_gating", BACKENDS, backend, logits=logits_TE, bias=bias_E, k=k)
     return _topk_gating_op(logits_TE, k, score, bias_E, bool(normalize), chosen.name)

@@ -1,8 +1,8 @@
 """Each moe_kernels op against the plain-torch chain a user would write for it, with the device
 copy bandwidth and dense GEMMs as ceilings.
 
-Run: ``python -m benchmarks.gpu_ops [--shapes ...] [--tokens ...] [--json OUT]`` on a GPU, or
-``python -m benchmarks.gpu_ops --smoke`` anywhere (CPU: checks the harness, no GPU figures).
+Run: ``python -m benchmarks.ops_gpu [--shapes ...] [--tokens ...] [--json OUT]`` on a GPU, or
+``python -m benchmarks.ops_gpu --smoke`` anywhere (CPU: checks the harness, no GPU figures).
 
 Ops and their torch chains (inputs from the named shape, T tokens and the routing):
 
@@ -35,7 +35,7 @@ import torch
 import moe_kernels as mk
 from benchmarks import gpu_harness as H
 from benchmarks.common import write_json_atomic
-from moe_kernels.ops.combine import combine_reference
+from moe_kernels.ops.dispatch_combine import combine_reference
 
 OPS = (
     "topk_gating",
@@ -51,7 +51,7 @@ GROUPS = 8  # label groups (domains) of the histogram
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.gpu_ops",
+        prog="python -m benchmarks.ops_gpu",
         description=__doc__,
         epilog=H.COMMON_HELP
         + "\nops options\n"
@@ -106,7 +106,7 @@ def make_problem(case: H.Case, cfg: H.Config) -> OpsProblem:
 # ---- torch chains ------------------------------------------------------------------------------
 
 
-def torch_gating(logits, k):
+def torch_topk_gating(logits, k):
     w, e = torch.topk(torch.softmax(logits, -1), k, dim=-1)
     return w / w.sum(-1, keepdim=True), e
 
@@ -130,7 +130,7 @@ def torch_combine(y, w, plan, T):
     )
 
 
-def torch_histogram(e, labels, E, w):
+def torch_routing_histogram(e, labels, E, w):
     idx = (labels.long().unsqueeze(1) * E + e.long()).reshape(-1)
     counts = torch.bincount(idx, minlength=GROUPS * E)
     wsum = torch.bincount(idx, weights=w.reshape(-1), minlength=GROUPS * E)
@@ -176,8 +176,8 @@ def _ours(cfg: H.Config, make) -> dict:
     return {H.ours_name(b): ("ours", make(None if b == "auto" else b)) for b in cfg.backends}
 
 
-def gating_spec(cfg, P, T, E, k) -> OpSpec:
-    ref_w, ref_e = torch_gating(P.logits_TE, k)
+def topk_gating_spec(cfg, P, T, E, k) -> OpSpec:
+    ref_w, ref_e = torch_topk_gating(P.logits_TE, k)
 
     def check(res):
         w, e = res
@@ -185,7 +185,7 @@ def gating_spec(cfg, P, T, E, k) -> OpSpec:
         ok_w, err_w = H.compare({"weights": w}, {"weights": ref_w}, torch.float32)
         return ok_e and ok_w, {**err, **err_w}
 
-    impls = {"torch": ("torch", lambda: torch_gating(P.logits_TE, k))}
+    impls = {"torch": ("torch", lambda: torch_topk_gating(P.logits_TE, k))}
     impls.update(_ours(cfg, lambda b: lambda: mk.topk_gating(P.logits_TE, k, backend=b)))
     return OpSpec("topk_gating", impls, check, T * E * 4 + T * k * 8)
 
@@ -259,8 +259,8 @@ def grouped_mm_spec(cfg, P, which, E, N, D, Fh, el) -> OpSpec:
     return OpSpec(f"grouped_mm[{which}]", impls, check, nbytes, 2 * N * din * dout, grads)
 
 
-def histogram_spec(cfg, P, T, E, k) -> OpSpec:
-    want_c, want_w = torch_histogram(P.experts_TK, P.labels_T, E, P.weights_TK)
+def routing_histogram_spec(cfg, P, T, E, k) -> OpSpec:
+    want_c, want_w = torch_routing_histogram(P.experts_TK, P.labels_T, E, P.weights_TK)
     bufs = {}
 
     def make(b):
@@ -282,7 +282,12 @@ def histogram_spec(cfg, P, T, E, k) -> OpSpec:
         ok_w, err_w = H.compare({"weight_sums": w}, {"weight_sums": want_w}, torch.float32)
         return ok_c and ok_w, {**err, **err_w}
 
-    impls = {"torch": ("torch", lambda: torch_histogram(P.experts_TK, P.labels_T, E, P.weights_TK))}
+    impls = {
+        "torch": (
+            "torch",
+            lambda: torch_routing_histogram(P.experts_TK, P.labels_T, E, P.weights_TK),
+        )
+    }
     impls.update(_ours(cfg, make))
     # The check runs on fresh buffers (reset); timing then keeps accumulating into them.
     return OpSpec("routing_histogram", impls, check, T * k * 12 + T * 8, reset=bufs.clear)
@@ -294,13 +299,13 @@ def specs(case: H.Case, cfg: H.Config, P: OpsProblem, ops: list[str]) -> list[Op
     el = torch.empty((), dtype=cfg.dtype).element_size()
     N = P.plan.num_rows
     build = {
-        "topk_gating": lambda: gating_spec(cfg, P, T, E, k),
+        "topk_gating": lambda: topk_gating_spec(cfg, P, T, E, k),
         "route": lambda: route_spec(cfg, P, T, E, k),
         "dispatch": lambda: dispatch_spec(cfg, P, N, D, el),
         "combine": lambda: combine_spec(cfg, P, T, N, D, el),
         "grouped_mm[up]": lambda: grouped_mm_spec(cfg, P, "up", E, N, D, Fh, el),
         "grouped_mm[down]": lambda: grouped_mm_spec(cfg, P, "down", E, N, D, Fh, el),
-        "routing_histogram": lambda: histogram_spec(cfg, P, T, E, k),
+        "routing_histogram": lambda: routing_histogram_spec(cfg, P, T, E, k),
     }
     return [build[op]() for op in OPS if op in ops]
 
@@ -421,7 +426,7 @@ def main(argv=None) -> dict:
     print()
     print(H.targets_table(targets, cfg.smoke or cfg.device.type != "cuda"))
     result = {
-        "benchmark": "gpu_ops",
+        "benchmark": "ops_gpu",
         "machine": info,
         "args": vars(args),
         "ceilings": {"copy": copy},

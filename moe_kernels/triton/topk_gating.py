@@ -19,7 +19,7 @@ import triton.language as tl
 
 from moe_kernels.triton._common import INTERPRETED, next_pow2, reduce_max, reduce_min, reduce_sum
 
-SCORES = ("softmax", "sigmoid")  # same order as moe_kernels.ops.gating.SCORES
+SCORES = ("softmax", "sigmoid")  # same order as moe_kernels.ops.topk_gating.SCORES
 
 
 @triton.jit

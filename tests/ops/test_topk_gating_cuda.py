@@ -1,18 +1,22 @@
-"""CUDA top-k gating (csrc/cuda/gating.cu) against the plain-torch reference.
+"""CUDA top-k gating (csrc/cuda/topk_gating.cu) against the plain-torch reference.
 
 GPU tests carry the ``gpu`` marker (skipped without a device); the CPU tests at the end check the
 backend's declines, the compiled exports and the autograd wiring of a backend ``backward``.
 """
 
+import importlib
+
 import pytest
 import torch
 
 import moe_kernels as mk
-from moe_kernels.ops import _backend as B
-from moe_kernels.ops import gating
-from moe_kernels.ops.gating import gating_backward, topk_gating_reference
+from moe_kernels.ops import _select as S
+from moe_kernels.ops.topk_gating import topk_gating_backward_reference, topk_gating_reference
 
 from .util import assert_close
+
+# The module itself (moe_kernels.ops re-exports the function of the same name).
+gating = importlib.import_module("moe_kernels.ops.topk_gating")
 
 ALL_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SHAPES = [
@@ -32,7 +36,7 @@ SHAPES = [
 
 
 def scores_of(logits, score):
-    z = logits.to(B.weight_dtype_for(logits.dtype))
+    z = logits.to(S.weight_dtype_for(logits.dtype))
     return torch.softmax(z, -1) if score == "softmax" else torch.sigmoid(z)
 
 
@@ -53,7 +57,7 @@ def assert_ids_match(e, e_ref, logits, bias, score, k):
     if bias is None or e.numel() == 0:
         assert torch.equal(e, e_ref)
         return
-    acc = B.weight_dtype_for(logits.dtype)
+    acc = S.weight_dtype_for(logits.dtype)
     sel = scores_of(logits, score) + bias.to(acc)
     top = sel.sort(-1, descending=True).values[:, : k + 1]
     eps = 8 * torch.finfo(acc).eps * top.abs().amax(-1, keepdim=True)
@@ -84,7 +88,7 @@ def test_forward_backward_match_reference(dtype, score, bias_kind, normalize, T,
     z = logits.clone().requires_grad_(True)
     w, e = mk.topk_gating(z, K, score=score, bias_E=bias, normalize=normalize, backend="cuda")
     w_ref, e_ref = topk_gating_reference(logits, K, score, bias, normalize)
-    wdtype = B.weight_dtype_for(dtype)
+    wdtype = S.weight_dtype_for(dtype)
     assert w.dtype == wdtype and w.shape == (T, K) and w.is_cuda and e.is_cuda
     assert_ids_match(e, e_ref, logits, bias, score, K)
     assert_close(w, weights_at(logits, e, score, normalize), wdtype, "weights")
@@ -92,10 +96,10 @@ def test_forward_backward_match_reference(dtype, score, bias_kind, normalize, T,
     assert_close(w[same], w_ref[same], wdtype, "weights vs reference")
     if normalize and T:
         assert_close(w.sum(-1), torch.ones(T, dtype=wdtype, device="cuda"), wdtype, "sum")
-    # backward: the CUDA kernel (through autograd) against plain-torch gating_backward
+    # backward: the CUDA kernel (through autograd) against the plain-torch reference backward
     grad = torch.randn(T, K, generator=torch.Generator().manual_seed(7), dtype=wdtype).cuda()
     (w * grad).sum().backward()
-    expected = gating_backward(grad, logits, e, score, normalize)
+    expected = topk_gating_backward_reference(grad, logits, e, score, normalize)
     assert z.grad.dtype == dtype and z.grad.shape == (T, E)
     assert_close(z.grad, expected, dtype, "dlogits")
 
@@ -184,7 +188,7 @@ def test_non_finite_logits_flag_the_token(dtype, score):
     assert torch.isnan(w[bad]).all() and (e[bad] == -1).all()
     w_ref, e_ref = topk_gating_reference(logits[~bad], 3, score)
     assert torch.equal(e[~bad], e_ref)
-    assert_close(w[~bad], w_ref, B.weight_dtype_for(dtype), "finite rows")
+    assert_close(w[~bad], w_ref, S.weight_dtype_for(dtype), "finite rows")
     w.nan_to_num(0.0).sum().backward()
     assert torch.isnan(z.grad[bad]).all()
     assert torch.isfinite(z.grad[~bad]).all()
@@ -206,7 +210,9 @@ def test_no_host_sync():
         (dz,) = torch.autograd.grad((w * r).sum(), z)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert_close(dz, gating_backward(r, logits, e, "softmax", True), torch.bfloat16, "dlogits")
+    assert_close(
+        dz, topk_gating_backward_reference(r, logits, e, "softmax", True), torch.bfloat16, "dlogits"
+    )
 
 
 @pytest.mark.gpu
@@ -267,8 +273,8 @@ def test_cuda_backend_declines_cpu_tensors_with_a_reason():
 
 
 def test_cuda_backend_limits_are_reasons():
-    cuda = B.by_name(gating.BACKENDS, "cuda")
-    assert isinstance(cuda, gating.CudaGating) and gating.BACKENDS[0] is cuda
+    cuda = S.by_name(gating.BACKENDS, "cuda")
+    assert isinstance(cuda, gating.CudaTopkGating) and gating.BACKENDS[0] is cuda
     reasons = cuda.not_supported_reasons(logits=torch.empty(2, 300), bias=None, k=17)
     assert any("E = 300 experts > 256" in r for r in reasons), reasons
     assert any("k = 17 > 16" in r for r in reasons), reasons
@@ -282,44 +288,44 @@ def test_cpu_selection_unchanged_by_the_cuda_backend():
     assert w.device.type == "cpu" and e.dtype == torch.int32
 
 
-@pytest.mark.skipif(not B._C_HAS_CUDA, reason="moe_kernels._C built without CUDA")
+@pytest.mark.skipif(not S._C_HAS_CUDA, reason="moe_kernels._C built without CUDA")
 def test_compiled_exports_and_limits():
     for name in ("topk_gating_cuda", "topk_gating_backward_cuda"):
-        assert hasattr(B._C, name), name
-    assert B._C.gating_cuda_max_experts == gating.CUDA_MAX_EXPERTS
-    assert B._C.gating_cuda_max_top_k == gating.CUDA_MAX_TOP_K
+        assert hasattr(S._C, name), name
+    assert S._C.gating_cuda_max_experts == gating.CUDA_MAX_EXPERTS
+    assert S._C.gating_cuda_max_top_k == gating.CUDA_MAX_TOP_K
 
 
-@pytest.mark.skipif(not B._C_HAS_CUDA, reason="moe_kernels._C built without CUDA")
+@pytest.mark.skipif(not S._C_HAS_CUDA, reason="moe_kernels._C built without CUDA")
 def test_binding_checks_sizes_before_any_cuda_call():
     # (logits, dtype, T, E, K, score, bias, normalize, weights, experts, stream)
     with pytest.raises(ValueError, match="E: expected 1 <= E <= 256, got 300"):
-        B._C.topk_gating_cuda(0, 0, 4, 300, 2, 0, 0, True, 0, 0, 0)
+        S._C.topk_gating_cuda(0, 0, 4, 300, 2, 0, 0, True, 0, 0, 0)
     with pytest.raises(ValueError, match="K: expected 1 <= K <= min"):
-        B._C.topk_gating_cuda(0, 0, 4, 64, 17, 0, 0, True, 0, 0, 0)
+        S._C.topk_gating_cuda(0, 0, 4, 64, 17, 0, 0, True, 0, 0, 0)
     with pytest.raises(ValueError, match="score"):
-        B._C.topk_gating_backward_cuda(0, 0, 0, 0, 4, 64, 2, 2, True, 0, 0)
+        S._C.topk_gating_backward_cuda(0, 0, 0, 0, 4, 64, 2, 2, True, 0, 0)
     with pytest.raises(ValueError, match="dtype"):
-        B._C.topk_gating_cuda(0, 7, 4, 64, 2, 0, 0, True, 0, 0, 0)
+        S._C.topk_gating_cuda(0, 7, 4, 64, 2, 0, 0, True, 0, 0, 0)
 
 
 def test_autograd_uses_a_backend_backward_when_it_has_one(monkeypatch):
     """The CUDA backend's kernel backward is reached through the backend's ``backward`` method;
     shown here on CPU by giving the cpu backend one."""
-    assert not hasattr(B.by_name(gating.BACKENDS, "cpu"), "backward")
+    assert not hasattr(S.by_name(gating.BACKENDS, "cpu"), "backward")
     calls = []
 
     def backward(self, grad_w, logits, experts, score, normalize):
         calls.append((score, normalize))
-        return gating_backward(grad_w, logits, experts, score, normalize)
+        return topk_gating_backward_reference(grad_w, logits, experts, score, normalize)
 
     logits = torch.randn(10, 6, generator=torch.Generator().manual_seed(1))
     z = logits.clone().requires_grad_(True)
     w, e = mk.topk_gating(z, 2, score="sigmoid", backend="cpu")
     w.sum().backward()
-    assert calls == []  # no backward method: plain torch
+    assert calls == []  # no backward method: the reference backend's (plain torch)
     plain = z.grad.clone()
-    monkeypatch.setattr(gating.CpuGating, "backward", backward, raising=False)
+    monkeypatch.setattr(gating.CpuTopkGating, "backward", backward, raising=False)
     z.grad = None
     w, e = mk.topk_gating(z, 2, score="sigmoid", backend="cpu")
     w.sum().backward()

@@ -1,4 +1,4 @@
-// Dispatch, combine and the gate-weight gradient on CUDA (see cuda/permute.h for semantics).
+// Dispatch, combine and the gate-weight gradient on CUDA (see cuda/dispatch_combine.h).
 //
 // Dispatch and combine map a 2-D thread block onto rows: threadIdx.x walks the row's elements in
 // packs, threadIdx.y picks the row, and blocks stride over rows (grid-stride), so any number of
@@ -21,7 +21,7 @@
 #include <initializer_list>
 
 #include "common.h"
-#include "cuda/permute.h"
+#include "cuda/dispatch_combine.h"
 
 namespace moe::cuda {
 namespace {

@@ -11,7 +11,7 @@
 #include <type_traits>
 
 #include "common.h"
-#include "cuda/gating.h"
+#include "cuda/topk_gating.h"
 
 namespace moe::cuda {
 namespace {
@@ -108,10 +108,10 @@ __device__ __forceinline__ bool beats(A v, int i, A bv, int bi) {
 
 template <typename T, int kV>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
-    gating_forward_kernel(const T* __restrict__ logits, int64_t T_, int E, int K, int score,
-                          const float* __restrict__ bias, bool normalize,
-                          typename AccOf<T>::type* __restrict__ weights,
-                          int32_t* __restrict__ experts) {
+    topk_gating_kernel(const T* __restrict__ logits, int64_t T_, int E, int K, int score,
+                       const float* __restrict__ bias, bool normalize,
+                       typename AccOf<T>::type* __restrict__ weights,
+                       int32_t* __restrict__ experts) {
   using A = typename AccOf<T>::type;
   const int lane = threadIdx.x & 31;
   const int64_t first = blockIdx.x * int64_t(kWarpsPerBlock) + (threadIdx.x >> 5);
@@ -185,10 +185,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 
 template <typename T, int kV>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
-    gating_backward_kernel(const typename AccOf<T>::type* __restrict__ grad_w,
-                           const T* __restrict__ logits, const int32_t* __restrict__ experts,
-                           int64_t T_, int E, int K, int score, bool normalize,
-                           T* __restrict__ dlogits) {
+    topk_gating_backward_kernel(const typename AccOf<T>::type* __restrict__ grad_w,
+                                const T* __restrict__ logits, const int32_t* __restrict__ experts,
+                                int64_t T_, int E, int K, int score, bool normalize,
+                                T* __restrict__ dlogits) {
   using A = typename AccOf<T>::type;
   const int lane = threadIdx.x & 31;
   const int64_t first = blockIdx.x * int64_t(kWarpsPerBlock) + (threadIdx.x >> 5);
@@ -264,7 +264,7 @@ int grid_for(int64_t T) {
 // Calls f(T{}, std::integral_constant<int, kV>{}) for the storage type of `dtype` and the
 // smallest register width kV in {1, 2, 4, 8} with 32 kV >= E. Returns false for an unknown
 // dtype or E out of range.
-template <typename F> bool dispatch_gating(int dtype, int64_t E, F&& f) {
+template <typename F> bool dispatch_topk_gating(int dtype, int64_t E, F&& f) {
   auto by_width = [&](auto tag) {
     using T = decltype(tag);
     if (E <= 32)
@@ -295,10 +295,10 @@ int topk_gating(const void* logits, int dtype, int64_t T, int64_t E, int64_t K, 
     return static_cast<int>(cudaErrorInvalidValue);
   if (T == 0) return 0;
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  const bool ok = dispatch_gating(dtype, E, [&](auto tag, auto width) {
+  const bool ok = dispatch_topk_gating(dtype, E, [&](auto tag, auto width) {
     using T_ = decltype(tag);
     using A = typename AccOf<T_>::type;
-    gating_forward_kernel<T_, decltype(width)::value>
+    topk_gating_kernel<T_, decltype(width)::value>
         <<<grid_for(T), kWarpsPerBlock * 32, 0, s>>>(
             static_cast<const T_*>(logits), T, static_cast<int>(E), static_cast<int>(K), score,
             bias, normalize, static_cast<A*>(weights), experts);
@@ -314,10 +314,10 @@ int topk_gating_backward(const void* grad_weights, const void* logits, int dtype
     return static_cast<int>(cudaErrorInvalidValue);
   if (T == 0) return 0;
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  const bool ok = dispatch_gating(dtype, E, [&](auto tag, auto width) {
+  const bool ok = dispatch_topk_gating(dtype, E, [&](auto tag, auto width) {
     using T_ = decltype(tag);
     using A = typename AccOf<T_>::type;
-    gating_backward_kernel<T_, decltype(width)::value>
+    topk_gating_backward_kernel<T_, decltype(width)::value>
         <<<grid_for(T), kWarpsPerBlock * 32, 0, s>>>(
             static_cast<const A*>(grad_weights), static_cast<const T_*>(logits), experts, T,
             static_cast<int>(E), static_cast<int>(K), score, normalize, static_cast<T_*>(dlogits));

@@ -5,7 +5,7 @@ import torch
 from triton_helpers import DEVICE, DTYPES, assert_close, requires_triton
 
 import moe_kernels as mk
-from moe_kernels.ops.gating import topk_gating_reference
+from moe_kernels.ops.topk_gating import topk_gating_reference
 
 pytestmark = requires_triton
 

@@ -1,0 +1,293 @@
+"""Backend selection shared by every op family, and the one rule for backward passes.
+
+Each op family keeps an ordered list of backends (``cuda``, ``triton``, ``cpu``, ``reference``).
+A backend says why it cannot run some inputs through ``not_supported_reasons``, whose keyword
+arguments are the selection arguments its op defines, spelled out (no catch-all ``**kwargs``: a
+misspelled or missing argument is a TypeError, never a silently skipped check):
+
+==================  =================================  ==========================================
+op family           selection arguments                backward ops (backend method)
+==================  =================================  ==========================================
+topk_gating         ``logits, bias, k``                topk_gating_backward (``backward``)
+route               ``experts, weights, num_experts``  -
+dispatch_combine    ``x, weights``                     each other (``dispatch`` / ``combine``),
+                                                       weight_grad (``weight_grad``)
+grouped_mm          ``x, w``                           grouped_mm (``forward``), grouped_mm_dw
+                                                       (``dw``)
+routing_histogram   ``experts, out``                   -
+==================  =================================  ==========================================
+
+A backend with ``takes_forced = True`` (Triton, whose CPU path is its slow interpreter) also
+takes ``forced``: whether it was asked for by name. The first backend with no reasons wins,
+``backend="name"`` forces one, and when none fits :class:`NoBackendError` shows the inputs and
+every backend with its reasons. Reasons look only at metadata (device, dtype, shape), never at
+data, so selection needs no host synchronisation and is traced by ``torch.compile``.
+
+This module imports no other module of moe_kernels (only the compiled ``moe_kernels._C``): the
+op modules and the Triton backends (``moe_kernels.triton.families``) import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+try:
+    import moe_kernels._C as _C
+except ImportError as exc:  # source tree without a build, or a broken build
+    _C = None
+    _C_IMPORT_ERROR = f"moe_kernels._C is not built ({exc})"
+else:
+    _C_IMPORT_ERROR = ""
+
+# Read once: backend selection runs inside torch.compile traces, which cannot call into _C.
+_C_HAS_CUDA = bool(_C is not None and _C.build_info()["cuda"])
+
+# Must match csrc/common.h::DType.
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2, torch.float16: 3}
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class NoBackendError(RuntimeError):
+    """No backend of an op family accepts the inputs; the message shows the inputs, then every
+    backend with its reasons."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+
+
+# Per-dtype tolerances for float outputs compared with the fp32/fp64 reference.
+DEFAULT_TOLERANCES = {
+    torch.float64: Tolerance(1e-10, 1e-8),
+    torch.float32: Tolerance(1e-5, 1e-5),
+    torch.bfloat16: Tolerance(2e-2, 2e-2),
+    torch.float16: Tolerance(2e-3, 2e-3),
+}
+
+
+class Backend:
+    """One implementation of an op family. Subclasses set ``name``, implement the family's ops
+    and define ``not_supported_reasons(self, <the family's selection arguments>) -> list[str]``
+    (see the module docstring)."""
+
+    name = "?"
+    tolerances = DEFAULT_TOLERANCES
+    # True for a backend that accepts some inputs only when asked for by name: selection then
+    # passes ``forced=True`` (asked for by name) or ``forced=False`` (automatic selection) to its
+    # not_supported_reasons. The Triton backend uses it for CPU tensors (its slow interpreter).
+    takes_forced = False
+
+
+class CpuKernels(Backend):
+    """A backend whose op ``op`` runs ``_C.<op>_cpu(*args)``."""
+
+    name = "cpu"
+
+    def launch(self, op: str, like: torch.Tensor, *args: Any) -> None:
+        getattr(_C, f"{op}_cpu")(*args)
+
+
+class CudaKernels(Backend):
+    """A backend whose op ``op`` runs ``_C.<op>_cuda(*args, stream)`` on ``like``'s device and
+    current stream. Subclassing it before a CpuKernels backend reuses that backend's methods."""
+
+    name = "cuda"
+
+    def launch(self, op: str, like: torch.Tensor, *args: Any) -> None:
+        with torch.cuda.device(like.device):
+            getattr(_C, f"{op}_cuda")(*args, cuda_stream(like))
+
+
+def cpu_reasons(
+    *tensors: torch.Tensor | None, dtypes=(torch.float32, torch.bfloat16, torch.float64)
+):
+    """Reasons common to the C++ CPU kernels: built module, CPU tensors, contiguous, dtype."""
+    reasons = []
+    if _C is None:
+        reasons.append(_C_IMPORT_ERROR)
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type != "cpu":
+            reasons.append(f"needs CPU tensors, got {t.device}")
+            break
+    for t in tensors:
+        if t is not None and t.is_floating_point() and t.dtype not in dtypes:
+            reasons.append(f"dtype {t.dtype} not in {[str(d) for d in dtypes]}")
+            break
+    return reasons
+
+
+def cuda_reasons(*tensors: torch.Tensor | None, dtypes=None) -> list[str]:
+    """Reasons common to the CUDA kernels: built with CUDA, CUDA tensors, supported dtypes."""
+    reasons = []
+    if _C is None:
+        reasons.append(_C_IMPORT_ERROR)
+    elif not _C_HAS_CUDA:
+        reasons.append("moe_kernels._C was built without CUDA")
+    for t in tensors:
+        if t is not None and t.device.type != "cuda":
+            reasons.append(f"needs CUDA tensors, got {t.device}")
+            break
+    if dtypes is not None:
+        for t in tensors:
+            if t is not None and t.is_floating_point() and t.dtype not in dtypes:
+                reasons.append(f"dtype {t.dtype} not in {[str(d) for d in dtypes]}")
+                break
+    return reasons
+
+
+def cuda_stream(t: torch.Tensor) -> int:
+    """The current CUDA stream of ``t``'s device as an integer handle for ``_C``."""
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+# ---- selection ---------------------------------------------------------------------------------
+
+
+def _reasons(backend: Backend, inputs: dict[str, Any], forced: bool) -> list[str]:
+    if backend.takes_forced:
+        return backend.not_supported_reasons(**inputs, forced=forced)
+    return backend.not_supported_reasons(**inputs)
+
+
+def describe(value: Any) -> str:
+    """An input as the error message shows it: shape, dtype and device of a tensor, else its
+    value."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor of shape {tuple(value.shape)}, {value.dtype}, on {value.device}"
+    return repr(value)
+
+
+def select(op: str, backends: list[Backend], forced: str | None, **inputs: Any) -> Backend:
+    """The first backend of ``backends`` with no reasons, or the one named ``forced``.
+
+    Args:
+        op: the op's name, for messages.
+        backends: the family's backends in automatic order.
+        forced: a backend name (``backend=`` of the op), or None for automatic selection.
+        **inputs: exactly the family's selection arguments (see the module docstring).
+
+    Raises:
+        ValueError: ``forced`` names no backend of the list.
+        NoBackendError: no (or not the forced) backend accepts the inputs; the message lists the
+            inputs, then every backend tried with its reasons.
+        TypeError: ``inputs`` are not the family's selection arguments (a misspelled or missing
+            name).
+    """
+    names = [b.name for b in backends]
+    if forced is not None:
+        if forced not in names:
+            raise ValueError(f"backend: expected one of {names} for {op}, got {forced!r}")
+        chosen = [b for b in backends if b.name == forced]
+    else:
+        chosen = backends
+    report = []
+    for b in chosen:
+        reasons = _reasons(b, inputs, forced=forced is not None)
+        if not reasons:
+            return b
+        report.append(f"  {b.name}: " + "; ".join(reasons))
+    shown = [f"  {name}: {describe(value)}" for name, value in inputs.items()]
+    raise NoBackendError(
+        f"no {op} backend accepts these inputs:\n"
+        + "\n".join(shown)
+        + "\nbackends and why they declined:\n"
+        + "\n".join(report)
+    )
+
+
+def backward_backend(
+    op: str, backends: list[Backend], forward: str, method: str, **inputs: Any
+) -> Backend:
+    """The backend that runs backward op ``op`` (the backend method ``method``) of a forward
+    that ran on the backend named ``forward``. Every op's backward chooses its backends here.
+
+    The rule: **the backward reuses the forward's backend when that backend implements the
+    backward op and accepts the backward's inputs (judged as automatic selection judges them);
+    otherwise it selects afresh, in the family's automatic order, among the backends that
+    implement it.**
+
+    Why this rule:
+
+    - ``backend="name"`` then means that backend for the whole op, gradients included: a user
+      debugging with ``backend="reference"``, or a benchmark timing one backend's forward+backward
+      on a GPU, gets what it asked for, and the gradients come from the same kernels (and
+      roundings) as the forward values.
+    - An automatic forward picked the first backend that took the forward's inputs; the backward's
+      inputs live on the same device with the same dtypes, so reusing it is what a fresh selection
+      would pick in the common case, and the choice stays stable across forward and backward.
+    - A backend with no kernel for the backward (the cpu and triton gating backends) or one that
+      declines the backward's inputs (a layout or alignment its forward kernel took but the
+      backward's does not) never makes the backward fail: the automatic order then takes the
+      first backend that can, ending at the reference, which implements every backward op and
+      accepts every input.
+    - The backward's ops are not named by the caller, so a backend that takes some inputs only
+      when named (``takes_forced``: Triton on CPU tensors, through its one-program-at-a-time
+      interpreter, a test tool) is reused only where automatic selection would accept it: on
+      CPU tensors the backward of ``backend="triton"`` runs on the C++ cpu backend.
+
+    Args:
+        op: the backward op's name, for messages.
+        backends: the family's backends in automatic order.
+        forward: the name of the backend the forward ran on.
+        method: the backend method that implements the backward op.
+        **inputs: the family's selection arguments, describing the backward op's inputs.
+
+    Raises: NoBackendError when no backend implementing ``method`` accepts the inputs.
+    """
+    first = by_name(backends, forward)
+    if callable(getattr(first, method, None)) and not _reasons(first, inputs, forced=False):
+        return first
+    able = [b for b in backends if callable(getattr(b, method, None))]
+    return select(op, able, None, **inputs)
+
+
+def by_name(backends: list[Backend], name: str) -> Backend:
+    for b in backends:
+        if b.name == name:
+            return b
+    raise ValueError(f"backend: expected one of {[b.name for b in backends]}, got {name!r}")
+
+
+# ---- argument checks shared by the op wrappers (metadata only: no host sync) -----------------
+
+
+def check_tensor(name: str, t: Any, *, ndim: int | None = None, dtypes=None, device=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(
+            f"{name}: expected a tensor on {device} (like the first input), got {t.device}"
+        )
+
+
+def check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_contiguous(name: str, t: torch.Tensor) -> None:
+    if not t.is_contiguous():
+        raise ValueError(
+            f"{name}: expected a contiguous tensor, got strides {t.stride()} for shape "
+            f"{tuple(t.shape)}; call .contiguous() first"
+        )
+
+
+def ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def weight_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """Gate weights are fp32, or fp64 alongside fp64 activations (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
