@@ -335,7 +335,7 @@ def main(argv=None) -> dict:
         "benchmark": "layer_gpu",
         "machine": info,
         "args": vars(args),
-        "gating": "excluded (routing decision is an input; see module docstring)",
+        "topk_gating": "excluded (routing decision is an input; see module docstring)",
         "ceilings": {"copy": copy},
         "layer": rows,
         "memory": mem,

@@ -1,10 +1,10 @@
-"""The whole expert path on the CUDA backends (topk_gating -> route -> dispatch -> grouped_mm x3
-SwiGLU -> combine, forward and backward) runs without a host synchronisation and replays from a
-CUDA graph with the results of eager execution."""
+"""The whole expert path on the CUDA backends (topk_gating -> route -> GroupedExperts: dispatch
+-> grouped_mm x3 SwiGLU -> combine, forward and backward) runs without a host synchronisation
+and replays from a CUDA graph with the results of eager execution."""
 
 import pytest
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 import moe_kernels as mk
 
@@ -18,12 +18,9 @@ def expert_path(x, router_ED, w1_EFD, w3_EFD, w2_EDF):
     b = BACKEND
     w, e = mk.topk_gating(x.float() @ router_ED.t(), K, backend=b)
     plan = mk.route(e, E, backend=b)
-    xs = mk.dispatch(x, plan, backend=b)
-    off = plan.offsets_E1
-    h = F.silu(mk.grouped_mm(xs, w1_EFD.transpose(1, 2), off, backend=b))
-    h = h * mk.grouped_mm(xs, w3_EFD.transpose(1, 2), off, backend=b)
-    y = mk.grouped_mm(h.contiguous(), w2_EDF.transpose(1, 2), off, backend=b)
-    return mk.combine(y, w, plan, backend=b)
+    # Parameters are registered as they are, so their .grad is what the test reads.
+    experts = mk.GroupedExperts.from_weights(w1_EFD, w2_EDF, w3_EFD, backend=b)
+    return experts(x, plan, w)
 
 
 def step(params, dy):
@@ -44,11 +41,12 @@ def make_params(seed=0):
         r(E, FH, D, scale=D**-0.5),
         r(E, D, FH, scale=FH**-0.5),
     ]
-    return [p.requires_grad_(True) for p in params]
+    return [p.requires_grad_(True) if i == 0 else nn.Parameter(p) for i, p in enumerate(params)]
 
 
 def fresh_leaves(params):
-    return [p.detach().clone().requires_grad_(True) for p in params]
+    fresh = [p.detach().clone() for p in params]
+    return [p.requires_grad_(True) if i == 0 else nn.Parameter(p) for i, p in enumerate(fresh)]
 
 
 def test_forward_backward_has_no_host_sync():

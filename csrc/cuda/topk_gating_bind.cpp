@@ -56,6 +56,6 @@ MOE_BINDINGS(cuda_topk_gating) {
                                               normalize, as_ptr<void>(dlogits), stream),
               "topk_gating_backward_cuda");
         });
-  m.attr("gating_cuda_max_experts") = moe::cuda::kGatingMaxExperts;
-  m.attr("gating_cuda_max_top_k") = moe::cuda::kGatingMaxTopK;
+  m.attr("topk_gating_cuda_max_experts") = moe::cuda::kGatingMaxExperts;
+  m.attr("topk_gating_cuda_max_top_k") = moe::cuda::kGatingMaxTopK;
 }

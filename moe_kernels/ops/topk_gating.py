@@ -103,7 +103,8 @@ class CpuTopkGating(S.Backend):
         return w, experts
 
 
-# Limits of the CUDA kernels (csrc/cuda/topk_gating.h; _C.gating_cuda_max_experts / _max_top_k).
+# Limits of the CUDA kernels (csrc/cuda/topk_gating.h; _C.topk_gating_cuda_max_experts and
+# _C.topk_gating_cuda_max_top_k).
 CUDA_MAX_EXPERTS = 256
 CUDA_MAX_TOP_K = 16
 

@@ -292,8 +292,8 @@ def test_cpu_selection_unchanged_by_the_cuda_backend():
 def test_compiled_exports_and_limits():
     for name in ("topk_gating_cuda", "topk_gating_backward_cuda"):
         assert hasattr(S._C, name), name
-    assert S._C.gating_cuda_max_experts == gating.CUDA_MAX_EXPERTS
-    assert S._C.gating_cuda_max_top_k == gating.CUDA_MAX_TOP_K
+    assert S._C.topk_gating_cuda_max_experts == gating.CUDA_MAX_EXPERTS
+    assert S._C.topk_gating_cuda_max_top_k == gating.CUDA_MAX_TOP_K
 
 
 @pytest.mark.skipif(not S._C_HAS_CUDA, reason="moe_kernels._C built without CUDA")
