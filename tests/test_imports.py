@@ -7,7 +7,8 @@
     ``a`` (b is a name defined in a). A parent package's ``__init__``, which Python runs first, is
     not an edge (every ``from pkg.sub import x`` would otherwise close a loop through pkg), nor
     are ``importlib.import_module`` calls or imports of modules outside the package.
-(b) Every module imports in a fresh interpreter, one module per interpreter, so none depends on
+(b) Every module imports with none of the project's modules loaded before it (a child forked
+    from an interpreter that imported only numpy and torch, one per module), so none depends on
     another having been imported first.
 
 The packages are read where this interpreter imports them from (the editable source tree or the
@@ -19,10 +20,10 @@ from __future__ import annotations
 import ast
 import graphlib
 import importlib.util
+import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -151,22 +152,71 @@ def test_the_graph_sees_function_level_imports_and_skips_type_checking(tmp_path)
     assert cycle is not None and set(cycle) == {"pkg.a", "pkg.b"} and cycle[0] == cycle[-1]
 
 
-def _import_alone(module: str, cwd: Path) -> str | None:
-    """None when ``module`` imports in a fresh interpreter, else the end of its traceback."""
-    done = subprocess.run(
-        [sys.executable, "-c", f"import {module}"],
-        capture_output=True,
-        text=True,
-        cwd=cwd,  # not the source root, so the packages come from where this process has them
-    )
-    return None if done.returncode == 0 else done.stderr.strip()[-2000:]
+# Imports every module named in argv[1] (JSON) in a child forked from an interpreter that has
+# imported only the heavy third-party packages: each child starts with none of the project's
+# modules loaded, like a fresh interpreter, without paying torch's import time again.
+_FORK_EACH = r"""
+import json, os, sys, traceback
+import numpy, torch  # noqa: F401  (third-party only: the children share them)
+result = {}
+for module in json.loads(sys.argv[1]):
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            __import__(module)
+            code, message = 0, b""
+        except BaseException:
+            code, message = 1, traceback.format_exc()[-2000:].encode()
+        os.write(write, message)
+        os._exit(code)
+    os.close(write)
+    chunks = []
+    while chunk := os.read(read, 65536):
+        chunks.append(chunk)
+    os.close(read)
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    result[module] = None if status == 0 else (b"".join(chunks).decode() or f"exit {status}")
+print(json.dumps(result))
+"""
+
+
+def _import_each_alone(modules: list[str], cwd: Path) -> dict[str, str | None]:
+    """module -> None when it imports with none of the project's modules loaded before it, else
+    the end of its traceback (one forked child per module; a fresh interpreter per module where
+    the platform cannot fork)."""
+    if hasattr(os, "fork"):
+        done = subprocess.run(
+            [sys.executable, "-c", _FORK_EACH, json.dumps(modules)],
+            capture_output=True,
+            text=True,
+            cwd=cwd,  # not the source root, so the packages come from where this process has them
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    errors = {}
+    for module in modules:
+        done = subprocess.run(
+            [sys.executable, "-c", f"import {module}"], capture_output=True, text=True, cwd=cwd
+        )
+        errors[module] = None if done.returncode == 0 else done.stderr.strip()[-2000:]
+    return errors
 
 
 @pytest.mark.parametrize("package", PACKAGES)
 def test_every_module_imports_in_a_fresh_interpreter(package, tmp_path):
-    modules = sorted(package_modules(package))
-    # One interpreter per module; several at a time (each spends ~2 s importing torch).
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
-        errors = dict(zip(modules, pool.map(lambda m: _import_alone(m, tmp_path), modules)))
+    errors = _import_each_alone(sorted(package_modules(package)), tmp_path)
     failed = {m: e for m, e in errors.items() if e}
     assert not failed, "\n\n".join(f"import {m} failed:\n{e}" for m, e in failed.items())
+
+
+def test_a_module_that_needs_another_first_is_caught(tmp_path):
+    # pkg.b works only after pkg.a has run: imported alone it must fail.
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "a.py").write_text("import builtins\nbuiltins.READY = True\n")
+    (tmp_path / "pkg" / "b.py").write_text("import builtins\nassert builtins.READY\n")
+    errors = _import_each_alone(["pkg.a", "pkg.b"], tmp_path)
+    assert errors["pkg.a"] is None
+    assert errors["pkg.b"] is not None and "READY" in errors["pkg.b"]
