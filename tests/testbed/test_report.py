@@ -19,7 +19,7 @@ L, D, E = 2, 2, 4
 def make_run(path, *, seed=0, name="ref", lr=1e-3, bias=True, steps=(100, 200, 300)):
     """A synthetic run: metrics lines every 50 steps, eval counts that specialize over time."""
     rd = RunDir(path)
-    rd.write_config({"name": name, "seed": seed, "train": {"lr": lr, "data_seed": seed}})
+    rd.write_config({"name": name, "seed": seed, "train": {"lr": lr, "data_seed": 0}})
     rng = np.random.default_rng(seed)
     for step in range(50, max(steps) + 1, 50):
         record = {
