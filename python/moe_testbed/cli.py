@@ -58,6 +58,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = resolve(args)
         validate(cfg)  # and what the run needs from this machine, before anything starts
     except (ValueError, FileNotFoundError) as e:
+        if args.debug:
+            raise
         args._parser.error(error_text(e))
     if cfg.train.tensorboard:
         try:

@@ -479,12 +479,14 @@ def validate(cfg: RunConfig, *, resources: bool = True) -> None:
             groups = len(domains)
     elif moe.router == "reference" and groups is None:
         groups = 1  # passes every group check; the trainer checks again with the domain count
-    _check_moe(dataclasses.replace(moe, num_groups=groups) if groups != moe.num_groups else moe)
+    _check_moe(moe, groups)
 
 
-def _check_moe(moe: MoEConfig) -> None:
-    try:
-        moe.validate()
+def _check_moe(moe: MoEConfig, groups: int | None) -> None:
+    try:  # replace() validates the copy it builds
+        (
+            dataclasses.replace(moe, num_groups=groups) if groups != moe.num_groups else moe
+        ).validate()
     except (ValueError, TypeError, KeyError) as err:
         text = str(err).strip("'\"")
         name = text.split(":", 1)[0] if ":" in text.split(" ", 1)[0] else "router"
