@@ -403,6 +403,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "model.seq_len": _at_least(1),
     "model.rope_theta": _ABOVE_0,
     "model.norm_eps": _ABOVE_0,
+    "moe.num_experts": _at_least(1),  # before the top_k check that divides by it
     "data.tokenizer_vocab": ((lambda v: 512 <= v <= 65536), "in [512, 65536]"),
     "data.eval_batches": ((lambda v: v >= 1), ">= 1 (no evaluation: --eval-every 0)"),
     **{f"train.{n}": _at_least(1) for n in ("steps", "micro_batch_size", "grad_accum")},

@@ -70,6 +70,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     try:
+        if not 512 <= args.vocab_size <= 65536:
+            raise ValueError(f"vocab_size: expected an int in [512, 65536], got {args.vocab_size}")
+        if args.seq_len < 1:
+            raise ValueError(f"seq_len: expected an int >= 1, got {args.seq_len}")
         corpus = load_corpus(args.source, args.domains, seed=args.seed)
     except (ValueError, FileNotFoundError) as e:
         _error("inspect", e)
