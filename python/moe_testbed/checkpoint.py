@@ -5,10 +5,15 @@ position, every RNG, the drained routing statistics, counters, the config); the 
 before it is kept as ``previous.pt``. Under ``torch.distributed`` each rank also writes
 ``rank{r}.pt`` (and keeps ``rank{r}.previous.pt``) with what differs between ranks
 (``RANK_LOCAL``: its data position and RNG states, plus the step); :func:`load` merges the one
-of the same step back. Files are written to a temporary name and moved into place, and the
-newest is renamed to ``previous`` only then, so a crash at any moment leaves at least one
-complete checkpoint. :func:`load` falls back to ``previous.pt`` (with a warning) when
-``last.pt`` is missing or unreadable.
+of the same step back. Saving serialises the state first, then renames ``last.pt`` to
+``previous.pt`` and writes the new ``last.pt`` atomically (temporary name, fsync, rename), so a
+crash at any moment leaves at least one complete checkpoint: :func:`load` takes ``last.pt``
+or, when it is missing or unreadable (then with a warning), ``previous.pt``.
+
+Resuming (:func:`open_run`, :func:`check_resume`): the checkpoint's config must equal the new
+one except in ``RESUME_FREE`` fields (steps, logging/eval/checkpoint cadence, display); other
+differences need ``allow_config_change``, and ``RESUME_FIXED`` fields (model sizes, experts,
+router, data, seed, micro-batch size) cannot differ at all.
 """
 
 from __future__ import annotations
