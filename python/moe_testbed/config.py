@@ -274,7 +274,7 @@ def load_file(path: str | Path) -> dict[str, Any]:
             f"--config: {path} is not valid {path.suffix[1:].upper()}: {where}"
         ) from None
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping at top level")
+        raise ValueError(f"--config: {path} must hold a mapping at top level")
     return data
 
 
@@ -391,9 +391,9 @@ def _at_least(lo: float) -> tuple[Any, str]:
 
 _ABOVE_0 = ((lambda v: math.isfinite(v) and v > 0), "a finite number > 0")
 _UNIT = ((lambda v: 0 <= v < 1), "in [0, 1)")
-# Range of every numeric field (types are checked from the annotations). Fields of ``moe`` are
-# MoEConfig's to check; fields added to a section later get their type checked until they are
-# listed here.
+# Range of every numeric field (types are checked from the annotations; ``moe`` fields are
+# MoEConfig.validate's, but num_experts comes first here, before the top_k check that uses it).
+# A field added to a section later gets its type checked until it is listed here.
 _RANGES: dict[str, tuple[Any, str]] = {
     "model.vocab_size": ((lambda v: v >= 0), ">= 0 (0 = the tokenizer's)"),
     **{

@@ -249,7 +249,6 @@ CASES: list[tuple[str, str, Callable[[Path], Outcome]]] = [
     *(("testbed", "train " + " ".join(a), train_error(*a, must=m)) for a, m in _table(TRAIN_FLAGS)),
     *(("testbed", " ".join(a), cli_error(*a, must=m)) for a, m in _table(CLI_ERRORS)),
     *(("testbed", f"config file: {what}", _config(*rest)) for what, *rest in CONFIG_FILES),
-    ("testbed", "train --device cuda without CUDA", train_error("--device", "cuda")),
     ("testbed", "train --out <a file>", prepared(_file, cli_error("train", "--out", "{tmp}/f"))),
     ("testbed", "two runs into one --out", two_writers),
     ("testbed", "--no-resume, crash, resume", no_resume_then_crash),
@@ -395,6 +394,10 @@ CASES: list[tuple[str, str, Callable[[Path], Outcome]]] = [
         api_error(lambda: MoE(16, 16, 4, 2)(torch.full((3, 16), _NAN)), "x: "),
     ),
 ]
+
+
+if not torch.cuda.is_available():
+    CASES.append(("testbed", "train --device cuda without CUDA", train_error("--device", "cuda")))
 
 
 def main(argv: list[str] | None = None) -> int:
