@@ -353,7 +353,7 @@ def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -
 
     Runs form one row (as seeds) only when their configs are equal once the seed, names, output
     paths and display settings are removed and they reached the same step; runs that differ
-    only in the seed but not in the step are listed apart with a note. The row label is the
+    only in the seed but reached different steps are listed apart with a note. The row label is the
     runs' ``config["name"]`` (or directory name), minus a seed suffix. Returns the written
     paths: ``compare.md``, ``compare.html`` and the curve PNGs with data.
     Raises: ValueError for an empty ``run_dirs`` or a run with nothing to report;
