@@ -370,6 +370,10 @@ class HashRouter(Router):
             raise ValueError(
                 "token_ids: router='hash' needs token_ids shaped like x[..., 0], got None"
             )
+        # Range check only where it costs no device synchronisation and no graph break.
+        cpu = token_ids_T.device.type == "cpu" and not torch.compiler.is_compiling()
+        if cpu and token_ids_T.numel() and int(token_ids_T.min()) < 0:
+            raise ValueError(f"token_ids: expected ids >= 0, found {int(token_ids_T.min())}")
 
     def decide(self, x, *, labels_T, token_ids_T, bias_E, backend) -> RouterDecision:
         E, K = self.num_experts, self.top_k
@@ -416,9 +420,10 @@ class ReferenceRouter(LearnedRouter):
         G = self.num_groups
         # Range check only where it costs no device synchronisation and no graph break.
         if not torch.compiler.is_compiling() and labels_T.numel() and labels_T.device.type == "cpu":
-            hi = int(labels_T.max())
-            if hi >= G:
-                raise ValueError(f"labels: expected domain labels in [-1, {G}), found {hi}")
+            lo, hi = int(labels_T.min()), int(labels_T.max())
+            if lo < -1 or hi >= G:
+                bad = lo if lo < -1 else hi
+                raise ValueError(f"labels: expected domain labels in [-1, {G}), found {bad}")
 
     def decide(self, x, *, labels_T, token_ids_T, bias_E, backend) -> RouterDecision:
         logits = self.logits(x.reshape(-1, x.shape[-1]))

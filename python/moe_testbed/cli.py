@@ -4,6 +4,10 @@
 help text of each field), a ``--config`` file and a ``--preset``; flags override the file, the
 file overrides the preset. The data subcommands come from ``moe_testbed.data.cli``; if that
 module fails to import, its subcommands are left out rather than breaking the rest of the CLI.
+
+Errors a user can cause end in one line on stderr, ``moe-testbed COMMAND: error: ...``, naming
+the flag, the expected and the actual value, and exit status 2; any other error also ends in
+one line (exit status 1). ``--debug`` (before or after the command) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -15,7 +19,35 @@ from pathlib import Path
 from typing import Any
 
 from moe_testbed import __version__
-from moe_testbed.config import add_config_flags, resolve
+from moe_testbed.config import ConfigError, add_config_flags, flag, resolve, validate
+from moe_testbed.runstart import RunDirError
+
+# Errors a user can cause with flags, files or directories: one line, exit status 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    TypeError,
+    OSError,
+    ImportError,
+    RunDirError,
+)
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (the usage of ``train`` alone would
+    be a screenful), pointing at ``--help``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def error_text(err: BaseException) -> str:
+    """One line describing ``err``: a config error starts with its flag."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, ConfigError):
+        return f"{flag(err.field)}: {text}"
+    if isinstance(err, USER_ERRORS):
+        return text
+    return f"{type(err).__name__}: {text} (an unexpected error; --debug shows the traceback)"
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -24,8 +56,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     try:
         cfg = resolve(args)
+        validate(cfg)  # and what the run needs from this machine, before anything starts
     except (ValueError, FileNotFoundError) as e:
-        args._parser.error(str(e))
+        if args.debug:
+            raise
+        args._parser.error(error_text(e))
     if cfg.train.tensorboard:
         try:
             require_tensorboard()
@@ -33,7 +68,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(f"moe-testbed train: {e}", file=sys.stderr)
             return 2
     out = args.out or f"runs/{cfg.preset}-{cfg.moe.router}-{cfg.moe.balance}-{cfg.moe.scope}"
-    train(cfg, out, resume=not args.no_resume)
+    train(cfg, out, resume=not args.no_resume, allow_config_change=args.allow_config_change)
     return 0
 
 
@@ -50,7 +85,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     try:
         paths = make_report(args.run_dir)
     except (FileNotFoundError, ValueError) as err:
-        print(f"moe-testbed report: {err}", file=sys.stderr)
+        print(f"moe-testbed report: error: {error_text(err)}", file=sys.stderr)
         return 2
     for p in paths:
         print(p)
@@ -65,7 +100,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     try:
         paths = compare(args.run_dirs, out)
     except (FileNotFoundError, ValueError) as err:
-        print(f"moe-testbed compare: {err}", file=sys.stderr)
+        print(f"moe-testbed compare: error: {error_text(err)}", file=sys.stderr)
         return 2
     for p in paths:
         print(p)
@@ -88,23 +123,53 @@ def add_report_subcommands(subparsers: Any) -> None:
     c.set_defaults(func=_cmd_compare)
 
 
+def _add_debug(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` on ``parser`` and on every subcommand below it, registered or added later
+    (default left to the top level, so ``moe-testbed --debug train`` works too)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if "--debug" not in sub._option_string_actions:
+                    sub.add_argument(
+                        "--debug",
+                        action="store_true",
+                        default=argparse.SUPPRESS,
+                        help="show the traceback of an error instead of one line",
+                    )
+                _add_debug(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="moe-testbed",
         description="MoE Routing Testbed: train small MoE language models on multi-domain text "
         "and measure expert utilization and specialization.",
     )
     parser.add_argument("--version", action="version", version=f"moe-testbed {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error instead of one line"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     tr = sub.add_parser(
         "train",
         help="train one model (resumes from OUT/checkpoints when present)",
-        description="Train a decoder-only MoE LM. Precedence: flags > --config file > --preset.",
+        description="Train a decoder-only MoE LM. Precedence: flags > --config file > --preset. "
+        "One run writes to OUT at a time. Resuming needs the checkpoint's config, except for "
+        "steps, logging/evaluation/checkpoint cadence, progress and threads.",
     )
     tr.add_argument("--out", help="run directory (default runs/PRESET-ROUTER-BALANCE-SCOPE)")
     tr.add_argument(
-        "--no-resume", action="store_true", help="start over even if OUT has a checkpoint"
+        "--no-resume",
+        action="store_true",
+        help="start over even if OUT has a checkpoint; OUT's earlier contents are moved to "
+        "OUT/.previous-<time>/ first (nothing is deleted)",
+    )
+    tr.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even though the config differs from the checkpoint's (the changes are "
+        "recorded in OUT/history.jsonl); sizes, data and seed cannot change",
     )
     add_config_flags(tr)
     tr.set_defaults(func=_cmd_train, _parser=tr)
@@ -115,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train four tiny models on the built-in sample and write the comparison.",
     )
     demo.add_argument("--out", default="runs/demo", help="parent directory of the four runs")
-    demo.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
+    demo.add_argument("--steps", type=int, default=None, help="optimizer steps per run (>= 1)")
     demo.add_argument("--data-dir", default=None, help="corpus (default: the built-in sample)")
     demo.set_defaults(func=_cmd_demo)
 
@@ -126,16 +191,32 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_data_subcommands(sub)
     add_report_subcommands(sub)
+    _add_debug(parser)
     return parser
 
 
+def _command(args: argparse.Namespace) -> str:
+    words = [getattr(args, "command", None), getattr(args, "data_command", None)]
+    return " ".join(["moe-testbed", *(w for w in words if w)])
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status (see the module docstring for errors)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    rc = args.func(args)
+    try:
+        rc = args.func(args)
+    except KeyboardInterrupt:
+        print(f"{_command(args)}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        print(f"{_command(args)}: error: {error_text(err)}", file=sys.stderr)
+        return 2 if isinstance(err, USER_ERRORS) else 1
     return int(rc or 0)
 
 

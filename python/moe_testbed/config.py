@@ -24,11 +24,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
+
+import torch
 
 from moe_kernels import MoEConfig
 
@@ -136,7 +139,7 @@ class RunConfig:
         """Build from a nested dict; unknown keys and bad values raise ValueError."""
         cfg = cls(preset=str(d.get("preset", "tiny")))
         apply_overrides(cfg, d, origin="config")
-        validate(cfg)
+        validate(cfg, resources=False)  # a saved config may name another machine
         return cfg
 
 
@@ -166,7 +169,7 @@ PRESETS: dict[str, ModelConfig] = {
 def get_preset(name: str) -> ModelConfig:
     """A fresh copy of the named preset. Raises ValueError listing the presets."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError("preset", f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return dataclasses.replace(PRESETS[name])
 
 
@@ -236,26 +239,42 @@ def apply_overrides(cfg: RunConfig, d: dict[str, Any], origin: str = "config") -
                     f"{origin}: unknown field {key}.{name}; fields of {key}: {sorted(known)}"
                 )
             tp, f = known[name]
-            setattr(section, name, _convert(v, tp, f"{key}.{name}", f.metadata.get("choices")))
+            try:
+                value = _convert(v, tp, f"{key}.{name}", f.metadata.get("choices"))
+            except ValueError as err:
+                where = "" if origin in ("config", "flags") else f"{origin}: "
+                raise ConfigError(f"{key}.{name}", f"{where}{err}") from None
+            setattr(section, name, value)
     return cfg
 
 
 def load_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML (.yaml/.yml) or JSON config file into a nested dict."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+    """Read a YAML (.yaml/.yml) or JSON config file into a nested dict.
 
-        data = yaml.safe_load(text) or {}
-    elif path.suffix == ".json":
-        data = json.loads(text)
-    else:
-        raise ValueError(f"config file must end in .yaml, .yml or .json, got {path.name}")
+    Raises FileNotFoundError for a missing file, ValueError naming the file for another suffix,
+    invalid content (with the parser's line and column) or a top level that is not a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "a directory" if path.is_dir() else "not found"
+        raise FileNotFoundError(f"--config: expected a YAML or JSON file, got {path} ({what})")
+    if path.suffix not in (".yaml", ".yml", ".json"):
+        raise ValueError(f"--config: file must end in .yaml, .yml or .json, got {path.name}")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as err:  # JSONDecodeError, YAMLError, UnicodeDecodeError
+        where = str(err).replace("\n", " ")
+        raise ValueError(
+            f"--config: {path} is not valid {path.suffix[1:].upper()}: {where}"
+        ) from None
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping at top level")
+        raise ValueError(f"--config: {path} must hold a mapping at top level")
     return data
 
 
@@ -331,37 +350,208 @@ def resolve(args: argparse.Namespace) -> RunConfig:
             section, name = key.split(".", 1)
             flags.setdefault(section, {})[name] = value
     apply_overrides(cfg, flags, origin="flags")
-    validate(cfg)
+    validate(cfg, resources=False)  # the caller checks the machine (validate)
     return cfg
 
 
-def validate(cfg: RunConfig) -> None:
-    """Cross-field checks, raising ValueError with the offending values.
+# ----------------------------------------------------------------------------- validation
 
-    The ``moe`` section is checked by ``MoEConfig.validate()`` (its messages get a ``moe.``
-    prefix). ``router="reference"`` with ``num_groups=None`` is accepted: the trainer sets the
-    number of groups to the corpus's domain count and validates again.
+
+class ConfigError(ValueError):
+    """An invalid config value. ``field`` is ``section.name`` (``"moe.top_k"``); the message
+    names the field, the expected and the actual value; :func:`flag` gives the flag."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def flag(field: str) -> str:
+    """The command-line flag of a config field: ``"train.lr"`` -> ``"--lr"``."""
+    return _flag(field.rsplit(".", 1)[-1])
+
+
+def _is_type(value: Any, tp: Any) -> bool:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return any(_is_type(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def _at_least(lo: float) -> tuple[Any, str]:
+    return (lambda v: math.isfinite(v) and v >= lo), f">= {lo}"
+
+
+_ABOVE_0 = ((lambda v: math.isfinite(v) and v > 0), "a finite number > 0")
+_UNIT = ((lambda v: 0 <= v < 1), "in [0, 1)")
+# Range of every numeric field (types are checked from the annotations; ``moe`` fields are
+# MoEConfig.validate's, but num_experts comes first here, before the top_k check that uses it).
+# A field added to a section later gets its type checked until it is listed here.
+_RANGES: dict[str, tuple[Any, str]] = {
+    "model.vocab_size": ((lambda v: v >= 0), ">= 0 (0 = the tokenizer's)"),
+    **{
+        f"model.{n}": _at_least(1)
+        for n in ("d_model", "n_layers", "n_heads", "d_ff_expert", "d_ff_dense", "moe_every")
+    },
+    "model.seq_len": _at_least(1),
+    "model.rope_theta": _ABOVE_0,
+    "model.norm_eps": _ABOVE_0,
+    "moe.num_experts": _at_least(1),  # before the top_k check that divides by it
+    "data.tokenizer_vocab": ((lambda v: 512 <= v <= 65536), "in [512, 65536]"),
+    "data.eval_batches": ((lambda v: v >= 1), ">= 1 (no evaluation: --eval-every 0)"),
+    **{f"train.{n}": _at_least(1) for n in ("steps", "micro_batch_size", "grad_accum")},
+    "train.lr": _ABOVE_0,
+    "train.min_lr_ratio": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
+    "train.warmup_steps": _at_least(0),
+    "train.weight_decay": _at_least(0),
+    "train.beta1": _UNIT,
+    "train.beta2": _UNIT,
+    "train.grad_clip": ((lambda v: math.isfinite(v) and v >= 0), ">= 0 (0 = off)"),
+    "train.seed": ((lambda v: 0 <= v < 2**32), "in [0, 2**32)"),
+    **{
+        f"train.{n}": ((lambda v: v >= 0), ">= 0 (0 = off)")
+        for n in ("log_every", "eval_every", "ckpt_every")
+    },
+}
+SYNTHETIC_DOMAINS = 8  # moe_testbed.sources.SyntheticData's domain count
+
+
+def validate(cfg: RunConfig, *, resources: bool = True) -> None:
+    """Check every field of ``cfg``: type, range, choices, the cross-field rules and, with
+    ``resources``, what the run will need from this machine (the device, the corpus directory
+    and its domains, the number of reference groups against the domains, the model vocabulary
+    against the tokenizer's). Reads at most the corpus manifest: nothing loads or trains.
+
+    ``router="reference"`` with ``num_groups=None`` is accepted (the trainer sets the number of
+    groups to the corpus's domain count). Raises ConfigError (a ValueError) naming the first
+    invalid field, the expected and the actual value.
     """
-    m, moe, t = cfg.model, cfg.moe, cfg.train
+    if not isinstance(cfg, RunConfig):
+        raise TypeError(f"cfg: expected a RunConfig, got {type(cfg).__name__}")
+    if cfg.preset not in PRESETS:
+        raise ConfigError("preset", f"preset must be one of {list(PRESETS)}, got {cfg.preset!r}")
+    for section, cls in SECTIONS.items():
+        obj = getattr(cfg, section)
+        if not isinstance(obj, cls):
+            raise ConfigError(
+                section, f"{section} must be a {cls.__name__}, got {type(obj).__name__}"
+            )
+        for name, (tp, f) in _fields(cls).items():
+            key, value = f"{section}.{name}", getattr(obj, name)
+            if not _is_type(value, tp):
+                tname = getattr(tp, "__name__", str(tp).replace("typing.", ""))
+                raise ConfigError(key, f"{key} must be {tname}, got {value!r}")
+            choices = f.metadata.get("choices")
+            if choices is not None and section != "moe" and value not in choices:
+                raise ConfigError(key, f"{key} must be one of {list(choices)}, got {value!r}")
+            if key in _RANGES and not _RANGES[key][0](value):
+                raise ConfigError(key, f"{key} must be {_RANGES[key][1]}, got {value!r}")
+    m, moe = cfg.model, cfg.moe
     if m.d_model % m.n_heads or (m.d_model // m.n_heads) % 2:
-        raise ValueError(
-            f"model.d_model ({m.d_model}) must split into n_heads ({m.n_heads}) heads of even size"
+        raise ConfigError(
+            "model.n_heads",
+            f"model.d_model ({m.d_model}) must split into n_heads ({m.n_heads}) heads of even size",
         )
-    if not 1 <= moe.top_k <= moe.num_experts:
-        raise ValueError(
-            f"moe.top_k must be in [1, num_experts={moe.num_experts}], got {moe.top_k}"
-        )
-    pending_groups = moe.router == "reference" and moe.num_groups is None
+    if isinstance(moe.top_k, int) and isinstance(moe.num_experts, int):
+        if not 1 <= moe.top_k <= moe.num_experts:
+            raise ConfigError(
+                "moe.top_k",
+                f"moe.top_k must be in [1, num_experts={moe.num_experts}], got {moe.top_k}",
+            )
+    groups = moe.num_groups
+    if resources:
+        _check_device(cfg.train.device)
+        domains = corpus_domains(cfg)
+        _check_vocab(cfg)
+        if moe.router == "reference":
+            if groups is not None and groups != len(domains):
+                raise ConfigError(
+                    "moe.num_groups",
+                    f"moe.num_groups must equal the number of domains ({len(domains)}: "
+                    f"{','.join(domains)}) or be None, got {groups}",
+                )
+            groups = len(domains)
+    elif moe.router == "reference" and groups is None:
+        groups = 1  # passes every group check; the trainer checks again with the domain count
+    _check_moe(moe, groups)
+
+
+def _check_moe(moe: MoEConfig, groups: int | None) -> None:
+    try:  # replace() validates the copy it builds
+        (
+            dataclasses.replace(moe, num_groups=groups) if groups != moe.num_groups else moe
+        ).validate()
+    except (ValueError, TypeError, KeyError) as err:
+        text = str(err).strip("'\"")
+        name = text.split(":", 1)[0] if ":" in text.split(" ", 1)[0] else "router"
+        raise ConfigError(f"moe.{name}", f"moe.{text}") from None
+
+
+def _check_device(spec: str) -> None:
     try:
-        # One group passes every group check; they run again once the domain count is known.
-        checked = dataclasses.replace(moe, num_groups=1) if pending_groups else moe
-        checked.validate()
-    except ValueError as e:
-        raise ValueError(f"moe.{e}") from None
-    if m.moe_every < 1 or m.n_layers < 1:
-        raise ValueError("model.moe_every and model.n_layers must be >= 1")
-    if t.steps < 1 or t.micro_batch_size < 1 or t.grad_accum < 1:
-        raise ValueError("train.steps, train.micro_batch_size and train.grad_accum must be >= 1")
-    for name in ("log_every", "eval_every", "ckpt_every"):
-        if getattr(t, name) < 0:
-            raise ValueError(f"train.{name} must be >= 0 (0 = off), got {getattr(t, name)}")
+        device = None if spec == "auto" else torch.device(spec)
+    except (RuntimeError, ValueError):
+        device = torch.device("meta")  # not a device name: refused below
+    if device is None or device.type == "cpu":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type != "cuda" or count == 0 or (device.index or 0) >= count:
+        have = f"cuda:0..cuda:{count - 1}" if count else "no CUDA device"
+        raise ConfigError(
+            "train.device",
+            f"train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N' on a device this machine "
+            f"has ({have}), got {spec!r}",
+        )
+
+
+def corpus_domains(cfg: RunConfig) -> list[str]:
+    """The domains the run will train on, in label order, from the corpus manifest alone.
+
+    Raises ConfigError naming ``data.data_dir`` (no such corpus) or ``data.domains``.
+    """
+    d = cfg.data
+    if d.data_dir == "synthetic":
+        if d.domains is not None:
+            raise ConfigError(
+                "data.domains",
+                f"data.domains must be None with data_dir='synthetic' (its {SYNTHETIC_DOMAINS} "
+                f"domains are fixed), got {d.domains!r}",
+            )
+        return [f"synthetic{i}" for i in range(SYNTHETIC_DOMAINS)]
+    from moe_testbed.data.corpus import select_domains
+
+    try:
+        return select_domains(d.data_dir or "sample", d.domains)[2]
+    except (FileNotFoundError, ValueError) as err:
+        text = str(err).removeprefix("source: ").removeprefix("domains: ")
+        if str(err).startswith("domain"):
+            raise ConfigError("data.domains", f"data.domains: {text}") from None
+        raise ConfigError(
+            "data.data_dir",
+            f"data.data_dir must be 'synthetic', 'sample', 'prepared' or a corpus directory, "
+            f"got {d.data_dir!r}: {text}",
+        ) from None
+
+
+def _check_vocab(cfg: RunConfig) -> None:
+    v = cfg.model.vocab_size
+    if cfg.data.data_dir == "synthetic":
+        if 0 < v <= SYNTHETIC_DOMAINS:
+            raise ConfigError(
+                "model.vocab_size",
+                f"model.vocab_size must be 0 or > {SYNTHETIC_DOMAINS} for the synthetic domains, "
+                f"got {v}",
+            )
+    elif 0 < v < cfg.data.tokenizer_vocab:
+        raise ConfigError(
+            "model.vocab_size",
+            f"model.vocab_size must be 0 (the tokenizer's) or >= data.tokenizer_vocab "
+            f"({cfg.data.tokenizer_vocab}), got {v}",
+        )

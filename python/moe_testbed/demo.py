@@ -53,16 +53,21 @@ def demo_config(name: str, steps: int, data_dir: str | None = None) -> RunConfig
 def run_demo(
     out: str | Path = "runs/demo", steps: int | None = None, data_dir: str | None = None
 ) -> list[Path]:
-    """Train the four runs (each resumes if already there) and write ``OUT/compare``."""
+    """Train the four runs (each resumes if already there) and write ``OUT/compare``.
+
+    ``steps``: optimizer steps per run (None = ``DEFAULT_STEPS``). Raises ConfigError for
+    ``steps < 1`` before anything trains.
+    """
     from moe_testbed.report import compare, make_report
     from moe_testbed.train import train
 
     out = Path(out)
-    steps = steps or DEFAULT_STEPS
+    steps = DEFAULT_STEPS if steps is None else steps  # 0 is refused by the config, not replaced
+    configs = {name: demo_config(name, steps, data_dir) for name in RUNS}  # all checked first
     tic = time.perf_counter()
     for name in RUNS:
         print(f"== demo run {name} ({steps} steps)", flush=True)
-        train(demo_config(name, steps, data_dir), out / name)
+        train(configs[name], out / name)
         make_report(out / name)
     paths = compare([out / name for name in RUNS], out / "compare")
     print(f"== demo finished in {time.perf_counter() - tic:.0f} s; report: {out / 'compare'}")

@@ -15,8 +15,13 @@ Metrics computed from the counts files use ``metrics.summarize`` with scope ``"e
 counts of one evaluation pass, not of a training batch.
 
 ``compare(run_dirs, out_dir)`` writes ``compare.md``, ``compare.html`` (final metrics, mean ±
-sample std over the seeds of runs whose configs differ only in seed) and overlaid curves
-``compare_loss.png``, ``compare_utilization.png``, ``compare_specialization.png``.
+sample std and n over the seeds of runs whose configs differ only in the seed and that reached
+the same step; other runs in rows of their own, with a note where they look alike) and overlaid
+curves ``compare_loss.png``, ``compare_utilization.png``, ``compare_specialization.png`` (mean
+line and ±std band per row).
+
+A run with nothing to report (no metric record and no counts: an empty directory, or a run
+stopped before its first log step) is an error for both, not an empty report.
 
 The figures come from :mod:`moe_testbed.plots`; metric names are read with
 :mod:`moe_testbed.logging`. The command line (``moe-testbed report`` / ``compare``) is in
@@ -40,6 +45,7 @@ from moe_kernels.tables import format_value, markdown_table
 from moe_testbed import logging as names
 from moe_testbed import metrics, plots
 from moe_testbed.rundir import RunDir, last_values
+from moe_testbed.runstart import previous_runs
 
 __all__ = ["make_report", "compare", "counts_summary"]
 
@@ -105,6 +111,20 @@ def _run_label(rd: RunDir, config: dict[str, Any]) -> str:
     return str(config.get("name") or rd.path.resolve().name)
 
 
+def _nothing_to_report(rd: RunDir) -> str:
+    earlier = [p.name for p in previous_runs(rd)]
+    return (
+        f"{rd.path}: nothing to report: no metric records and no evaluation counts (a run that "
+        "has not logged its first step yet, or not a run directory)"
+        + (f"; earlier runs set aside here: {', '.join(earlier)}" if earlier else "")
+    )
+
+
+def _reached_step(rd: RunDir, records: list[dict[str, Any]]) -> int:
+    """The last step a run logged or evaluated (0 when it has neither)."""
+    return max([int(r["step"]) for r in records] + rd.list_counts(), default=0)
+
+
 # ----------------------------------------------------------------------------- tables
 
 
@@ -163,12 +183,15 @@ def make_report(run_dir: str | os.PathLike) -> list[Path]:
     """Write plots, ``report.html`` and ``summary.md`` into ``run_dir/report/``.
 
     Returns the written paths (plots for which there is no data are skipped).
-    Raises: FileNotFoundError if ``run_dir`` does not exist; ValueError on corrupt metrics.
+    Raises: FileNotFoundError if ``run_dir`` does not exist; ValueError on corrupt metrics or
+    counts, and for a run with nothing to report (no metric record, no counts).
     """
     rd = RunDir(run_dir)
     if not rd.path.is_dir():
         raise FileNotFoundError(f"run directory not found: {rd.path}")
     config, records, steps = rd.read_config(), rd.read_metrics(), rd.list_counts()
+    if not records and not steps:
+        raise ValueError(_nothing_to_report(rd))
     title = _run_label(rd, config)
     out = rd.report_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -224,18 +247,19 @@ def make_report(run_dir: str | os.PathLike) -> list[Path]:
 # ----------------------------------------------------------------------------- compare
 
 
-def _without_seed(obj: Any) -> Any:
-    """The config with every ``seed``/``*_seed`` key and the run name/output paths removed."""
-    drop = {"name", "run_dir", "out_dir", "output_dir"}
-    if isinstance(obj, dict):
-        return {
-            k: _without_seed(v)
-            for k, v in obj.items()
-            if k != "seed" and not k.endswith("_seed") and k not in drop
-        }
-    if isinstance(obj, list):
-        return [_without_seed(v) for v in obj]
-    return obj
+# Fields that cannot change any result: runs differing only in these (and the seed) are seeds.
+_OUTPUT_ONLY = {"name", "run_dir", "out_dir", "output_dir"}
+_OUTPUT_ONLY_TRAIN = {"progress", "tensorboard"}
+
+
+def _without_seed(config: dict[str, Any]) -> dict[str, Any]:
+    """The config without the seed (``seed`` at the top level or in ``train``), the run name,
+    output paths and display settings. Other seeds (a data seed) stay: they must match."""
+    out = {k: v for k, v in config.items() if k != "seed" and k not in _OUTPUT_ONLY}
+    if isinstance(out.get("train"), dict):
+        drop = _OUTPUT_ONLY_TRAIN | {"seed"}
+        out["train"] = {k: v for k, v in out["train"].items() if k not in drop}
+    return out
 
 
 def _group_label(labels: list[str]) -> str:
@@ -263,7 +287,8 @@ def _final_values(rd: RunDir, records: list[dict[str, Any]]) -> dict[str, float]
 def _mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return _fmt(values[0])
-    return f"{_fmt(float(np.mean(values)))} ± {_fmt(float(np.std(values, ddof=1)))}"
+    mean, std = float(np.mean(values)), float(np.std(values, ddof=1))
+    return f"{_fmt(mean)} ± {_fmt(std)} (n={len(values)})"
 
 
 def _column_key(name: str) -> tuple:
@@ -293,49 +318,91 @@ def _curves(rd: RunDir, records: list[dict[str, Any]]) -> dict[str, tuple[list, 
     return curves
 
 
-def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> list[Path]:
-    """Final-metric table (mean ± std over seeds) and overlaid curves of several runs.
+def _seed_groups(runs: list[dict[str, Any]]) -> tuple[list[list[dict[str, Any]]], list[str]]:
+    """Runs -> groups of seeds (configs equal once the seed is removed, and the same final
+    step) and notes on runs that look alike but are listed apart."""
+    by_config: dict[str, list[dict[str, Any]]] = {}
+    notes = []
+    for run in runs:
+        if run["config"]:
+            key = json.dumps(_without_seed(run["config"]), sort_keys=True, default=str)
+        else:
+            key = f"no config: {run['path']}"
+            notes.append(f"{run['label']} has no config.json, so it is not averaged with others.")
+        by_config.setdefault(key, []).append(run)
+    groups = []
+    for same in by_config.values():
+        by_step: dict[int, list[dict[str, Any]]] = {}
+        for run in same:
+            by_step.setdefault(run["step"], []).append(run)
+        if len(by_step) > 1:
+            parts = "; ".join(
+                f"step {step}: {', '.join(r['label'] for r in rs)}"
+                for step, rs in sorted(by_step.items())
+            )
+            notes.append(
+                f"Same config except the seed, but stopped at different steps ({parts}): "
+                "listed apart, not averaged."
+            )
+        groups.extend(by_step.values())
+    return groups, notes
 
-    Runs whose configs are equal once seeds, names and output paths are removed form one row;
-    the row label is the runs' ``config["name"]`` (or directory name), minus a seed suffix.
-    Returns the written paths: ``compare.md``, ``compare.html`` and the curve PNGs with data.
-    Raises: ValueError for an empty ``run_dirs``; FileNotFoundError for a missing directory.
+
+def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> list[Path]:
+    """Final-metric table (mean ± std and n over seeds) and overlaid curves of several runs.
+
+    Runs form one row (as seeds) only when their configs are equal once the seed, names, output
+    paths and display settings are removed and they reached the same step; runs that differ
+    only in the seed but reached different steps are listed apart with a note. The row label is the
+    runs' ``config["name"]`` (or directory name), minus a seed suffix. Returns the written
+    paths: ``compare.md``, ``compare.html`` and the curve PNGs with data.
+    Raises: ValueError for an empty ``run_dirs`` or a run with nothing to report;
+    FileNotFoundError for a missing directory.
     """
     if not run_dirs:
         raise ValueError("compare needs at least one run directory, got none")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    groups: dict[str, list[dict[str, Any]]] = {}
+    runs = []
     for run_dir in run_dirs:
         rd = RunDir(run_dir)
         if not rd.path.is_dir():
             raise FileNotFoundError(f"run directory not found: {rd.path}")
         config, records = rd.read_config(), rd.read_metrics()
-        key = json.dumps(_without_seed(config), sort_keys=True, default=str)
+        step = _reached_step(rd, records)
+        if step == 0:
+            raise ValueError(_nothing_to_report(rd))
         run = {"label": _run_label(rd, config), "final": _final_values(rd, records)}
-        run["curves"] = _curves(rd, records)
-        groups.setdefault(key, []).append(run)
+        run.update(curves=_curves(rd, records), config=config, step=step, path=str(rd.path))
+        runs.append(run)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    groups, notes = _seed_groups(runs)
     labelled: dict[str, list[dict[str, Any]]] = {}
-    for runs in groups.values():
-        label = _group_label([r["label"] for r in runs])
+    for group in groups:
+        label = _group_label([r["label"] for r in group])
         while label in labelled:
             label += "'"
-        labelled[label] = runs
+        labelled[label] = group
 
     columns = sorted(
         {c for runs in labelled.values() for r in runs for c in r["final"]}, key=_column_key
     )
-    header = ["run", "seeds"] + columns
+    header = ["run", "seeds", "step"] + columns
     body = []
     for label, runs in labelled.items():
-        row = [label, str(len(runs))]
+        row = [label, str(len(runs)), str(runs[0]["step"])]
         for c in columns:
             values = [r["final"][c] for r in runs if c in r["final"]]
             row.append(_mean_std(values) if values else "—")
         body.append(row)
-    note = "Mean ± sample std over seeds (runs whose configs differ only in seed)."
+    note = (
+        "Mean ± sample std (n) over seeds: runs whose configs differ only in the seed and that "
+        "reached the same step."
+    )
     md_path = out / "compare.md"
-    md_path.write_text(f"# Run comparison\n\n{note}\n\n" + markdown_table(header, body) + "\n")
+    md_notes = "".join(f"\n- {n}" for n in notes)
+    md_path.write_text(
+        f"# Run comparison\n\n{note}\n\n" + markdown_table(header, body) + "\n" + md_notes
+    )
     paths = [md_path]
     curves = [
         (_VAL_LOSS, "compare_loss.png", "validation loss (nats/token)", "Validation loss"),
@@ -360,7 +427,9 @@ def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -
             images.append(path)
     page = _html_page(
         "Run comparison",
-        [f"<p>{html.escape(note)}</p>", _html_table(header, body)] + [_img_tag(p) for p in images],
+        [f"<p>{html.escape(note)}</p>", _html_table(header, body)]
+        + [f"<p>{html.escape(n)}</p>" for n in notes]
+        + [_img_tag(p) for p in images],
     )
     html_path = out / "compare.html"
     html_path.write_text(page, encoding="utf-8")

@@ -6,8 +6,11 @@ Layout::
       config.json              the resolved config (JSON object), written atomically
       metrics.jsonl            one JSON object per log step, appended
       counts/step_0001000.npz  routing counts of one evaluation, written atomically
-      checkpoints/             the trainer's business
+      history.jsonl            one JSON object per start, resume, set-aside, config change
+      checkpoints/             last.pt and previous.pt (moe_testbed.checkpoint)
       report/                  plots, report.html and summary.md (moe_testbed.report)
+      .lock                    held by the run writing here (moe_testbed.runstart)
+      .previous-<time>/        earlier runs moved aside by a fresh start (same layout)
 
 ``metrics.jsonl`` lines hold ``"step"`` (int, required), ``"tokens"`` and metric values under
 the names of ``moe_testbed.logging`` (``"loss"``, ``"train/layer3/max_violation@global_batch"``,
@@ -26,6 +29,10 @@ added by name. No pickled objects: files load with ``allow_pickle=False``.
 
 Atomic writes go to a temporary file in the same directory, are fsynced and then moved over
 the target with ``os.replace``, so a reader sees either the old or the new file, never half.
+
+``history.jsonl`` records, one JSON object per line, every start, resume, set-aside and config
+change of the run. Who may write a run directory, and how a run starts over in one (the lock,
+``.previous-<time>/``), is :mod:`moe_testbed.runstart`'s.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ import json
 import os
 import re
 import tempfile
+import time
+import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +54,7 @@ __all__ = [
     "RunDir",
     "atomic_write_bytes",
     "atomic_write_json",
+    "fsync_dir",
     "truncate_metrics",
     "read_metrics",
     "last_values",
@@ -54,7 +64,7 @@ _COUNTS_RE = re.compile(r"^step_(\d+)\.npz$")
 _REQUIRED_COUNTS = ("requested_LDE", "kept_LDE", "weight_sum_LDE")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make a rename durable; best effort (not every platform can open a directory)."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -86,7 +96,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -185,6 +195,36 @@ class RunDir:
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 
+    # -- history
+    @property
+    def history_path(self) -> Path:
+        return self.path / "history.jsonl"
+
+    def append_history(self, event: str, **fields: Any) -> None:
+        """Append ``{"event": event, "time": ISO time, "pid": pid, **fields}`` to
+        ``history.jsonl`` (flushed and fsynced). Raises TypeError for values JSON cannot hold."""
+        record = {"event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid()}
+        record.update(fields)
+        line = (json.dumps(record, default=_json_default) + "\n").encode("utf-8")
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.history_path, "ab+") as f:
+            self._cut_partial_tail(f)
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_history(self) -> list[dict[str, Any]]:
+        """The records of ``history.jsonl`` ([] if missing; a truncated last line is ignored)."""
+        if not self.history_path.exists():
+            return []
+        out = []
+        for line in self.history_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
     # -- config
     def write_config(self, config: dict[str, Any]) -> Path:
         """Write the resolved config atomically. Raises TypeError if not JSON-serializable."""
@@ -193,10 +233,19 @@ class RunDir:
         return atomic_write_json(self.config_path, config)
 
     def read_config(self) -> dict[str, Any]:
-        """The config ({} when ``config.json`` does not exist)."""
+        """The config ({} when ``config.json`` does not exist). Raises ValueError naming the
+        file when it is not a JSON object."""
         if not self.config_path.exists():
             return {}
-        return json.loads(self.config_path.read_text())
+        try:
+            config = json.loads(self.config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{self.config_path}: not a valid JSON config ({err})") from None
+        if not isinstance(config, dict):
+            raise ValueError(
+                f"{self.config_path}: expected a JSON object, got {type(config).__name__}"
+            )
+        return config
 
     # -- metrics
     def append_metrics(self, record: dict[str, Any], *, fsync: bool = True) -> None:
@@ -295,6 +344,14 @@ class RunDir:
         np.savez_compressed(buf, **out)
         return atomic_write_bytes(self.counts_path(step), buf.getvalue())
 
+    def drop_counts_after(self, step: int) -> list[int]:
+        """Delete the counts files of steps after ``step`` (a resumed run redoes them);
+        returns their steps."""
+        dropped = [s for s in self.list_counts() if s > step]
+        for s in dropped:
+            self.counts_path(s).unlink()
+        return dropped
+
     def list_counts(self) -> list[int]:
         """Steps with a counts file, ascending."""
         if not self.counts_dir.is_dir():
@@ -307,15 +364,22 @@ class RunDir:
 
         ``domains`` comes back as a list of str and ``groups`` as a list of lists of int (the
         -1 padding removed); other entries are numpy arrays.
-        Raises: FileNotFoundError when no counts exist for ``step``.
+        Raises: FileNotFoundError when no counts exist for ``step``; ValueError naming the file
+        when it is corrupt.
         """
         path = self.counts_path(step)
         if not path.exists():
             raise FileNotFoundError(
                 f"no counts for step {step}: {path} (have {self.list_counts()})"
             )
-        with np.load(path, allow_pickle=False) as data:
-            out: dict[str, Any] = {k: data[k] for k in data.files}
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                out: dict[str, Any] = {k: data[k] for k in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise ValueError(f"{path}: unreadable counts file ({err})") from None
+        missing = [k for k in _REQUIRED_COUNTS if k not in out]
+        if missing:
+            raise ValueError(f"{path}: counts file without {missing}")
         if "domains" in out:
             out["domains"] = [str(d) for d in out["domains"]]
         if "groups" in out:

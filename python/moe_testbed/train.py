@@ -31,9 +31,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from moe_kernels import aux_losses, stats, update_routers
-from moe_testbed import checkpoint, metrics, probes, sinks
+from moe_testbed import checkpoint, metrics, probes, runstart, sinks
 from moe_testbed import logging as names
-from moe_testbed.config import RunConfig, save
+from moe_testbed.config import RunConfig, save, validate
 from moe_testbed.model import MoETransformer, route_experts
 from moe_testbed.rundir import RunDir, atomic_write_json, last_values
 from moe_testbed.sources import RunData, build_data
@@ -140,20 +140,49 @@ class StatsWindow:
 class Trainer:
     """Holds the run's state; ``run()`` trains to ``cfg.train.steps``, resuming if it can.
 
-    Raises ImportError (naming the extra) when ``cfg.train.tensorboard`` is set and the
-    ``tensorboard`` package is missing; ValueError for an inconsistent config.
+    The constructor validates ``cfg``, takes ``out``'s lock (rank 0) and resumes or starts over
+    (``checkpoint.open_run``); :meth:`close` releases the lock. Raises what :func:`train`
+    raises, and ImportError (naming the extra) when ``cfg.train.tensorboard`` is set and the
+    ``tensorboard`` package is missing.
     """
 
-    def __init__(self, cfg: RunConfig, out: str | os.PathLike, *, resume: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        out: str | os.PathLike,
+        *,
+        resume: bool = True,
+        allow_config_change: bool = False,
+    ) -> None:
+        validate(cfg)  # every field, and what the run needs from this machine: before any work
         self.cfg, self.rank, self.world = cfg, *_dist()
         self.device = _device(cfg, self.rank)
-        t = cfg.train
+        self.run_dir = RunDir(out)
+        self.run_lock = runstart.lock(self.run_dir) if self.rank == 0 else None
+        try:
+            loaded, changes = checkpoint.open_run(
+                self.run_dir,
+                cfg,
+                resume=resume,
+                allow_config_change=allow_config_change,
+                device=self.device,
+                rank=self.rank,
+                world=self.world,
+            )
+            self._build(loaded, changes, allow_config_change)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(
+        self, loaded: checkpoint.Loaded | None, changes: dict[str, Any], allow_config_change: bool
+    ) -> None:
+        cfg, t = self.cfg, self.cfg.train
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
         _seed_everything(t.seed)
-        self.run_dir = RunDir(out)
         self.data: RunData = build_data(cfg, self.rank, self.world)
-        if cfg.model.vocab_size <= 0:
+        if cfg.model.vocab_size <= 0:  # validate() checked a given one against the tokenizer
             cfg.model.vocab_size = self.data.vocab_size
         if cfg.moe.router == "reference" and cfg.moe.num_groups is None:
             cfg.moe.num_groups = len(self.data.domains)  # one expert group per domain
@@ -175,23 +204,45 @@ class Trainer:
         self.loss_sum = torch.zeros((), device=self.device)  # training loss since last log
         self.loss_count = 0
         self.probe_state: dict[str, Any] = {}
-        resuming = resume and checkpoint.exists(self.run_dir)
-        if resuming:
-            self.load_state_dict(
-                checkpoint.load(self.run_dir, device=self.device, rank=self.rank, world=self.world)
-            )
-        elif self.rank == 0:
-            self.run_dir.path.mkdir(parents=True, exist_ok=True)
+        if loaded is not None:
+            self._resume(loaded, changes, allow_config_change)
+        if self.rank == 0:  # the config this run trains with (resolved), also after a resume
             self.run_dir.write_config(cfg.to_dict())
             save(cfg, self.run_dir.path / "config.yaml")
-            if self.run_dir.metrics_path.exists():
-                self.run_dir.metrics_path.unlink()
         self.log = sinks.MetricsLog(
             self.run_dir,
             active=self.rank == 0,
             tensorboard=t.tensorboard,
-            resume_step=self.step if resuming else None,
+            resume_step=self.step if loaded is not None else None,
         )
+
+    def _resume(
+        self, loaded: checkpoint.Loaded, changes: dict[str, Any], allow_config_change: bool
+    ) -> None:
+        """Load the checkpoint; a state that does not fit the model, optimizer or data stream
+        is a clear error, not a traceback. Recorded in ``history.jsonl``."""
+        try:
+            self.load_state_dict(loaded.state)
+        except (RuntimeError, ValueError, KeyError, IndexError) as err:
+            raise checkpoint.ConfigChangeError(
+                f"out: the checkpoint {loaded.path} does not fit this run (changed: "
+                f"{sorted(changes) or 'nothing'}; {checkpoint.describe_error(err)}); start over "
+                "with --no-resume (the old run is moved aside)"
+            ) from None
+        if self.rank == 0:
+            self.run_dir.append_history(
+                "resume",
+                step=self.step,
+                checkpoint=loaded.path.name,
+                unreadable=[f"{n}: {why}" for n, why in loaded.skipped],
+                changes={k: list(v) for k, v in changes.items()},
+                allow_config_change=allow_config_change,
+            )
+
+    def close(self) -> None:
+        """Release the run directory (idempotent)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
 
     def _reference_groups(self) -> list[list[int]] | None:
         if self.cfg.moe.router != "reference":
@@ -391,8 +442,22 @@ class Trainer:
         self.loss_sum = state["loss_sum"].to(self.device)
         self.loss_count = state["loss_count"]
         self.probe_state = state["probe_state"]
-        if self.rank == 0:
+        self._apply_hyperparameters()
+        if self.rank == 0:  # what was logged after the checkpoint is redone
             self.run_dir.truncate_metrics(self.step)
+            self.run_dir.drop_counts_after(self.step)
+
+    def _apply_hyperparameters(self) -> None:
+        """Give the loaded optimizer this config's hyperparameters: the saved ones unless a
+        resume changed them (the schedule's lr at the current step is recomputed as the
+        scheduler computes it, so an unchanged config resumes bit-identically)."""
+        t = self.cfg.train
+        self.scheduler.base_lrs = [t.lr for _ in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = t.lr
+            group["lr"] = t.lr * lr_at(self.scheduler.last_epoch, self.cfg)
+            group["betas"] = (t.beta1, t.beta2)
+        self.optimizer.param_groups[0]["weight_decay"] = t.weight_decay  # the matrices' group
 
     def save(self) -> None:
         self.window.drain()  # device accumulators -> host window (saved below)
@@ -458,11 +523,25 @@ class Trainer:
         )
 
 
-def train(cfg: RunConfig, out: str | os.PathLike, *, resume: bool = True) -> dict[str, Any]:
-    """Train (or resume) a run in ``out``; returns the last logged value of every metric."""
-    trainer = Trainer(cfg, out, resume=resume)
+def train(
+    cfg: RunConfig,
+    out: str | os.PathLike,
+    *,
+    resume: bool = True,
+    allow_config_change: bool = False,
+) -> dict[str, Any]:
+    """Train (or resume) a run in ``out``; returns the last logged value of every metric.
+
+    ``resume``: continue from ``out``'s checkpoint when there is one (else the earlier contents
+    of ``out`` are moved to ``out/.previous-<time>/`` first); ``allow_config_change``: resume
+    even when ``cfg`` differs from the checkpoint's config in more than ``RESUME_FREE``.
+    Raises ConfigError for an invalid config, RunDirError when ``out`` is held by another run
+    or unusable, ConfigChangeError when resuming would change the config.
+    """
+    trainer = Trainer(cfg, out, resume=resume, allow_config_change=allow_config_change)
     try:
         return trainer.run()
     finally:
+        trainer.close()
         if trainer.world > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -19,7 +19,7 @@ L, D, E = 2, 2, 4
 def make_run(path, *, seed=0, name="ref", lr=1e-3, bias=True, steps=(100, 200, 300)):
     """A synthetic run: metrics lines every 50 steps, eval counts that specialize over time."""
     rd = RunDir(path)
-    rd.write_config({"name": name, "seed": seed, "train": {"lr": lr, "data_seed": seed}})
+    rd.write_config({"name": name, "seed": seed, "train": {"lr": lr, "data_seed": 0}})
     rng = np.random.default_rng(seed)
     for step in range(50, max(steps) + 1, 50):
         record = {
@@ -220,3 +220,90 @@ def test_cli_subcommands(tmp_path, capsys):
     assert args.func(args) == 0 and (tmp_path / "compare" / "compare.html").exists()
     args = parser.parse_args(["report", str(tmp_path / "nope")])
     assert args.func(args) == 2 and "not found" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- what reports say
+
+
+def test_report_and_compare_refuse_a_run_with_nothing_to_report(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    started = RunDir(tmp_path / "started")  # killed before its first log line
+    started.write_config({"name": "started", "seed": 0})
+    (started.path / ".previous-20240101-000000").mkdir()
+    ok = make_run(tmp_path / "ok")
+    for run in (empty, started.path):
+        with pytest.raises(ValueError, match="nothing to report"):
+            report.make_report(run)
+        with pytest.raises(ValueError, match="nothing to report"):
+            report.compare([ok.path, run], tmp_path / "cmp")
+    assert not (empty / "report").exists()
+    assert cli.main(["report", str(started.path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "earlier runs set aside here: .previous-20240101" in err
+    assert cli.main(["compare", str(ok.path), str(empty)]) == 2
+    assert "nothing to report" in capsys.readouterr().err
+
+
+def _table_rows(path) -> dict[str, list[str]]:
+    lines = path.read_text().splitlines()
+    header = lines[4].strip("| ").split(" | ")
+    rows = {}
+    for line in lines[6:]:
+        if not line.startswith("|"):
+            continue
+        cells = line.strip("| ").split(" | ")
+        rows[cells[0]] = dict(zip(header, cells))
+    return rows
+
+
+def test_compare_averages_seeds_only_at_the_same_step(tmp_path):
+    full = [make_run(tmp_path / f"ref_s{s}", seed=s, name=f"ref-s{s}") for s in (0, 1)]
+    short = make_run(tmp_path / "ref_s2", seed=2, name="ref-s2", steps=(100, 150))
+    report.compare([*(r.path for r in full), short.path], tmp_path / "cmp")
+    rows = _table_rows(tmp_path / "cmp" / "compare.md")
+    assert set(rows) == {"ref", "ref-s2"}
+    assert (rows["ref"]["seeds"], rows["ref"]["step"]) == ("2", "300")
+    assert (rows["ref-s2"]["seeds"], rows["ref-s2"]["step"]) == ("1", "150")
+    assert rows["ref"]["val/loss"].endswith("(n=2)") and "±" not in rows["ref-s2"]["val/loss"]
+    text = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "stopped at different steps (step 150: ref-s2; step 300: ref-s0, ref-s1)" in text
+    assert "not averaged" in (tmp_path / "cmp" / "compare.html").read_text()
+
+
+def test_compare_keeps_runs_apart_that_differ_in_more_than_the_seed(tmp_path):
+    a = make_run(tmp_path / "a", seed=0, name="ref-s0")
+    b = make_run(tmp_path / "b", seed=1, name="ref-s1")
+    config = b.read_config()
+    config["train"]["data_seed"] = 1  # another data order: not a seed of the same experiment
+    b.write_config(config)
+    c = make_run(tmp_path / "c", seed=2, name="ref-s2")
+    config = c.read_config()
+    config["train"]["progress"] = False  # display only: still a seed
+    c.write_config(config)
+    report.compare([a.path, b.path, c.path], tmp_path / "cmp")
+    rows = _table_rows(tmp_path / "cmp" / "compare.md")
+    assert sorted((r["run"], r["seeds"]) for r in rows.values()) == [("ref", "2"), ("ref-s1", "1")]
+
+
+def test_overlay_draws_a_std_band_per_group_of_seeds(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    bands = []
+    fill = Axes.fill_between
+
+    def recording(self, x, low, high, **kw):
+        bands.append((list(x), np.asarray(low), np.asarray(high)))
+        return fill(self, x, low, high, **kw)
+
+    monkeypatch.setattr(Axes, "fill_between", recording)
+    runs = [make_run(tmp_path / f"s{s}", seed=s, name=f"x-s{s}") for s in (0, 1, 2)]
+    runs.append(make_run(tmp_path / "alone", name="alone", lr=1.0))
+    report.compare([r.path for r in runs], tmp_path / "cmp")
+    assert len(bands) == 3  # one band per curve for the group of three; none for the single run
+    steps, low, high = bands[0]
+    val = "val/loss"
+    finals = np.array([[r[val] for r in run.read_metrics() if val in r] for run in runs[:3]])
+    mean, std = finals.mean(axis=0), finals.std(axis=0, ddof=1)
+    np.testing.assert_allclose(low, mean - std)
+    np.testing.assert_allclose(high, mean + std)

@@ -8,8 +8,15 @@ moe_testbed.data.cli prepare|inspect ...`` runs the same commands stand-alone.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
+
+
+def _error(command: str, err: Exception) -> None:
+    """One line on stderr; a message that starts with an argument name gets its flag."""
+    text = re.sub(r"^(\w+): ", lambda m: "--" + m.group(1).replace("_", "-") + ": ", str(err))
+    print(f"moe-testbed data {command}: error: {text}", file=sys.stderr)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -33,7 +40,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         else:
             manifest = P.prepare_corpus(
                 args.domains,
-                args.mb if args.mb else 8.0,
+                8.0 if args.mb is None else args.mb,
                 out,
                 permissive_only=args.permissive_only,
                 seed=args.seed,
@@ -42,7 +49,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                 quiet=args.quiet,
             )
     except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error("prepare", e)
         return 2
     built = manifest["domains"]
     print(
@@ -63,9 +70,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     try:
+        if not 512 <= args.vocab_size <= 65536:
+            raise ValueError(f"vocab_size: expected an int in [512, 65536], got {args.vocab_size}")
+        if args.seq_len < 1:
+            raise ValueError(f"seq_len: expected an int >= 1, got {args.seq_len}")
         corpus = load_corpus(args.source, args.domains, seed=args.seed)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error("inspect", e)
         return 2
     tok = train_tokenizer(corpus, args.vocab_size, cache_dir=args.cache_dir)
     train = build_dataset(corpus, tok, args.seq_len, "train", cache_dir=args.cache_dir)
@@ -84,7 +95,8 @@ def _add_commands(sub) -> None:
         "--mb",
         type=float,
         default=None,
-        help="cap of clean text per domain in MB (default 8; no cap for --from-dir)",
+        help="cap of clean text per domain in MB, > 0 (default 8; no cap for --from-dir and "
+        "--hf-dataset)",
     )
     p.add_argument(
         "--out", default=None, help="output directory (default $XDG_CACHE_HOME/moe-testbed/corpus)"

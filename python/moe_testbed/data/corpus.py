@@ -66,6 +66,54 @@ def read_documents(path: Path, domain: str) -> list[str]:
     raise FileNotFoundError(f"domain {domain!r}: no {domain}.jsonl.gz in {str(path)!r}")
 
 
+def select_domains(
+    source: str | os.PathLike = "sample", domains: str | list[str] | None = None
+) -> tuple[Path, dict, list[str]]:
+    """The corpus directory, its manifest and the selected domain names, in label order, from
+    the manifest alone (no document is read): what :func:`load_corpus` will load.
+
+    Raises ``FileNotFoundError`` for a missing directory, manifest or domain file,
+    ``ValueError`` for an unreadable manifest or unknown, repeated or empty domains.
+    """
+    path = _resolve(source)
+    mpath = path / MANIFEST
+    if not mpath.exists():
+        raise FileNotFoundError(
+            f"source: {str(path)!r} has no {MANIFEST}; expected a directory written by "
+            "`moe-testbed data prepare`"
+        )
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        available = list(manifest["domains"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"source: {str(mpath)!r} is not a corpus manifest ({err!r})") from None
+    if domains is None:
+        names = available
+    else:
+        names = (
+            [d.strip() for d in domains.split(",")] if isinstance(domains, str) else list(domains)
+        )
+        unknown = [d for d in names if d not in available]
+        if unknown or not names:
+            raise ValueError(
+                f"domains: unknown domain(s) {unknown or names!r} in {str(path)!r}; "
+                f"expected a subset of {available}"
+            )
+        repeated = sorted({d for d in names if names.count(d) > 1})
+        if repeated:
+            raise ValueError(f"domains: expected each domain once, got {repeated} repeated")
+    if not names:
+        raise ValueError(f"source: {str(path)!r} lists no domain; expected at least one")
+    for d in names:
+        if not any((path / f"{d}{ext}").exists() for ext in (".jsonl.gz", ".jsonl")):
+            raise FileNotFoundError(f"domain {d!r}: no {d}.jsonl.gz in {str(path)!r}")
+        if manifest["domains"][d].get("documents") == 0:
+            raise ValueError(
+                f"domains: domain {d!r} in {str(path)!r} is empty; expected at least one document"
+            )
+    return path, manifest, names
+
+
 def load_corpus(
     source: str | os.PathLike = "sample",
     domains: str | list[str] | None = None,
@@ -79,30 +127,10 @@ def load_corpus(
     default ``prepare`` output directory) or a corpus directory. ``domains``: a subset (list or
     comma-separated string), default all in the manifest, in manifest order. The split is
     deterministic in ``(documents, seed)`` (see :func:`moe_testbed.data.clean.split_indices`).
-    Raises ``FileNotFoundError`` for a missing directory or manifest, ``ValueError`` for unknown
-    or empty domains.
+    Raises what :func:`select_domains` raises, and ``ValueError`` for a domain without
+    documents.
     """
-    path = _resolve(source)
-    mpath = path / MANIFEST
-    if not mpath.exists():
-        raise FileNotFoundError(
-            f"source: {str(path)!r} has no {MANIFEST}; expected a directory written by "
-            "`moe-testbed data prepare`"
-        )
-    manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    available = list(manifest["domains"])
-    if domains is None:
-        names = available
-    else:
-        names = (
-            [d.strip() for d in domains.split(",")] if isinstance(domains, str) else list(domains)
-        )
-        unknown = [d for d in names if d not in available]
-        if unknown or not names:
-            raise ValueError(
-                f"domains: unknown domain(s) {unknown or names!r} in {str(path)!r}; "
-                f"expected a subset of {available}"
-            )
+    path, manifest, names = select_domains(source, domains)
     train, val, sums = {}, {}, []
     for d in names:
         texts = read_documents(path, d)

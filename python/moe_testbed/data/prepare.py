@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import time
@@ -138,6 +139,17 @@ def _capped(docs: Iterable[tuple[str, str]], cap_bytes: int, bar: tqdm) -> Itera
         yield text, src
 
 
+def _check_mb(mb: float | None, *, allow_none: bool) -> None:
+    """``mb`` must be a finite size > 0 (or None where that means no cap): 0 is an error, never
+    a silent default or a silent "no cap"."""
+    if mb is None and allow_none:
+        return
+    ok = isinstance(mb, (int, float)) and not isinstance(mb, bool) and math.isfinite(mb) and mb > 0
+    if not ok:
+        expected = "a positive size in MB" + (" or None (no cap)" if allow_none else "")
+        raise ValueError(f"mb: expected {expected}, got {mb!r}")
+
+
 def _settings_key(**settings) -> str:
     blob = json.dumps({"clean_version": CLEAN_VERSION, **settings}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -178,8 +190,7 @@ def prepare_corpus(
     Raises ``ValueError`` for unknown domain names or ``mb <= 0``.
     """
     selected = resolve_domains(domains)
-    if not mb > 0:
-        raise ValueError(f"mb: expected a positive size in MB, got {mb}")
+    _check_mb(mb, allow_none=False)
     out = Path(out) if out is not None else default_corpus_dir()
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache) if cache is not None else out / "_cache"
@@ -298,14 +309,16 @@ def prepare_from_records(
 ) -> dict:
     """Clean and write already-extracted ``{domain: [(text, src), ...]}`` into corpus ``out``.
 
-    Raises ``ValueError`` when a domain yields no text after cleaning."""
+    ``mb``: cap of clean text per domain in MB, or None for no cap. Raises ``ValueError`` for
+    ``mb <= 0`` and when a domain yields no text after cleaning."""
+    _check_mb(mb, allow_none=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(out)
-    cap = int(mb * 1e6) if mb else 1 << 62
+    cap = 1 << 62 if mb is None else int(mb * 1e6)
     for name, raw in by_domain.items():
         with tqdm(
-            total=cap if mb else None,
+            total=None if mb is None else cap,
             unit="B",
             unit_scale=True,
             desc=name,
