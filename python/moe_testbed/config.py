@@ -116,6 +116,14 @@ class TrainConfig:
     tensorboard: bool = _field(
         False, "also write every metric to OUT/tensorboard (extra: moe-testbed[tensorboard])"
     )
+    expert_parallel: int = _field(
+        1,
+        "expert-parallel ranks: experts sharded over groups of this many ranks, the rest data "
+        "parallel (torchrun; must divide the world size and moe.num_experts)",
+    )
+    dist_timeout: float = _field(
+        300.0, "seconds a collective waits for the other ranks before the run stops with an error"
+    )
 
 
 @dataclass
@@ -365,3 +373,10 @@ def validate(cfg: RunConfig) -> None:
     for name in ("log_every", "eval_every", "ckpt_every"):
         if getattr(t, name) < 0:
             raise ValueError(f"train.{name} must be >= 0 (0 = off), got {getattr(t, name)}")
+    if t.expert_parallel < 1 or moe.num_experts % t.expert_parallel:
+        raise ValueError(
+            f"train.expert_parallel must be >= 1 and divide moe.num_experts={moe.num_experts}, "
+            f"got {t.expert_parallel}"
+        )
+    if not t.dist_timeout > 0:
+        raise ValueError(f"train.dist_timeout must be > 0 seconds, got {t.dist_timeout}")

@@ -8,10 +8,14 @@ One optimizer step (``Trainer.train_step``) is::
         (loss / grad_accum).backward()
     clip; optimizer.step(); scheduler.step(); update_routers(model)
 
-Routing statistics accumulate on device inside the MoE layers and are read (one host sync)
-only at log and eval steps. Checkpoints (``moe_testbed.checkpoint``) hold everything the next
-step depends on and a resumed run continues bit-identically on CPU. Data comes from
-``moe_testbed.sources``; metric names and the places records go from ``moe_testbed.logging``.
+Under torchrun the run is data parallel (DDP), or with ``--expert-parallel M`` expert parallel
+over groups of M ranks and data parallel across them (``moe_kernels.parallel``: DDP for the
+replicated parameters, expert gradients reduced over the data-parallel replicas, the gradient
+norm over every shard). Routing statistics accumulate on device inside the MoE layers and are
+read (one host sync) only at log and eval steps. Checkpoints (``moe_testbed.checkpoint``) hold
+everything the next step depends on and a resumed run continues bit-identically on CPU. Data
+comes from ``moe_testbed.sources``; metric names and the places records go from
+``moe_testbed.logging``.
 
 Legend: B micro-batch, S positions, V vocabulary, L MoE layers, D domains, E experts.
 """
@@ -19,6 +23,7 @@ Legend: B micro-batch, S positions, V vocabulary, L MoE layers, D domains, E exp
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import os
 import random
@@ -30,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from moe_kernels import aux_losses, stats, update_routers
+from moe_kernels import aux_losses, parallel, stats, update_routers
 from moe_testbed import checkpoint, metrics, probes, sinks
 from moe_testbed import logging as names
 from moe_testbed.config import RunConfig, save
@@ -41,11 +46,13 @@ from moe_testbed.sources import RunData, build_data
 # ----------------------------------------------------------------------------- setup
 
 
-def _dist() -> tuple[int, int]:
-    """(rank, world) -- initialises the process group when launched by torchrun."""
+def _dist(timeout_s: float) -> tuple[int, int]:
+    """(rank, world) -- initialises the process group when launched by torchrun, with
+    collectives that give up after ``timeout_s`` seconds."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
@@ -145,7 +152,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: RunConfig, out: str | os.PathLike, *, resume: bool = True) -> None:
-        self.cfg, self.rank, self.world = cfg, *_dist()
+        self.cfg, self.rank, self.world = cfg, *_dist(cfg.train.dist_timeout)
         self.device = _device(cfg, self.rank)
         t = cfg.train
         if t.deterministic:
@@ -161,8 +168,10 @@ class Trainer:
         self.raw = MoETransformer(cfg.model, cfg.moe).to(self.device)
         self.groups = self._reference_groups()
         self.model: torch.nn.Module = self.raw
+        self.ep = self._expert_parallel(t.expert_parallel)
+        self.peers = parallel.Peers.gather() if self.world > 1 else None  # to name failed ranks
         if self.world > 1:
-            self.model = torch.nn.parallel.DistributedDataParallel(self.raw)
+            self.model = parallel.data_parallel(self.raw)  # DDP; sharded experts left out
         if t.compile:
             self.model = torch.compile(self.model)
         self.optimizer = _optimizer(self.raw, cfg)
@@ -178,7 +187,13 @@ class Trainer:
         resuming = resume and checkpoint.exists(self.run_dir)
         if resuming:
             self.load_state_dict(
-                checkpoint.load(self.run_dir, device=self.device, rank=self.rank, world=self.world)
+                checkpoint.load(
+                    self.run_dir,
+                    device=self.device,
+                    rank=self.rank,
+                    world=self.world,
+                    experts=self._expert_shard(),
+                )
             )
         elif self.rank == 0:
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
@@ -192,6 +207,26 @@ class Trainer:
             tensorboard=t.tensorboard,
             resume_step=self.step if resuming else None,
         )
+
+    def _expert_parallel(self, size: int) -> parallel.EPGroup | None:
+        """Shard the experts over groups of ``size`` ranks (None for 1)."""
+        if size == 1:
+            return None
+        if self.world % size:
+            raise ValueError(
+                f"train.expert_parallel: expected a divisor of the world size {self.world} "
+                f"(torchrun --nproc_per_node x --nnodes), got {size}"
+            )
+        return parallel.expert_parallel(self.raw, parallel.init_mesh(size, self.device.type))
+
+    def _expert_shard(self) -> checkpoint.ExpertShard | None:
+        if self.ep is None:
+            return None
+        keys = parallel.expert_parameters(self.raw)
+        ids = {id(p) for p in keys.values()}
+        order = [p for g in self.optimizer.param_groups for p in g["params"]]
+        opt_ids = tuple(i for i, p in enumerate(order) if id(p) in ids)
+        return checkpoint.ExpertShard(tuple(keys), opt_ids, self.ep.rank, self.ep.size)
 
     def _reference_groups(self) -> list[list[int]] | None:
         if self.cfg.moe.router != "reference":
@@ -227,8 +262,11 @@ class Trainer:
             aux_total += aux.detach().to(aux_total.device) / t.grad_accum
             if log_step and t.stats:
                 per_micro.append(self.window.read(all_reduce=False))  # this rank's micro-batch
+        if self.ep is not None:
+            parallel.reduce_expert_grads(self.raw)  # over the data-parallel replicas
         if t.grad_clip > 0:
-            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), t.grad_clip)
+            clip = parallel.clip_grad_norm_ if self.ep else torch.nn.utils.clip_grad_norm_
+            self.last_grad_norm = clip(self.raw if self.ep else self.raw.parameters(), t.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -396,7 +434,10 @@ class Trainer:
 
     def save(self) -> None:
         self.window.drain()  # device accumulators -> host window (saved below)
-        checkpoint.save(self.run_dir, self.state_dict(), rank=self.rank, world=self.world)
+        shard = self._expert_shard()
+        checkpoint.save(
+            self.run_dir, self.state_dict(), rank=self.rank, world=self.world, experts=shard
+        )
 
     # -- the loop
     def run(self) -> dict[str, Any]:
@@ -444,6 +485,10 @@ class Trainer:
 
     def print_summary(self) -> None:
         n = self.raw.num_params()
+        if self.ep is not None:  # count the other EP ranks' experts too
+            shard = sum(p.numel() for p in parallel.expert_parameters(self.raw).values())
+            n = {**n, "total": n["total"] + (self.ep.size - 1) * shard}
+            n["active"] += (self.ep.size - 1) * shard
         t, m = self.cfg.train, self.cfg.model
         print(
             f"moe-testbed: preset={self.cfg.preset} router={self.cfg.moe.router} "
@@ -452,7 +497,8 @@ class Trainer:
             f"  params: total {n['total'] / 1e6:.2f}M, active {n['active'] / 1e6:.2f}M per token; "
             f"train FLOPs/token {n['flops_per_token'] / 1e6:.1f}M\n"
             f"  tokens/step {t.micro_batch_size * m.seq_len * t.grad_accum * self.world:,}"
-            f" ({self.world} rank(s) x {t.grad_accum} micro-batches); device {self.device}; "
+            f" ({self.world} rank(s) x {t.grad_accum} micro-batches, expert parallel "
+            f"{t.expert_parallel}); device {self.device}; "
             f"domains {len(self.data.domains)}; out {self.run_dir.path}",
             flush=True,
         )
@@ -461,8 +507,10 @@ class Trainer:
 def train(cfg: RunConfig, out: str | os.PathLike, *, resume: bool = True) -> dict[str, Any]:
     """Train (or resume) a run in ``out``; returns the last logged value of every metric."""
     trainer = Trainer(cfg, out, resume=resume)
+    guard = trainer.peers.guard("training") if trainer.peers else contextlib.nullcontext()
     try:
-        return trainer.run()
+        with guard:  # a failed collective names the rank that exited
+            return trainer.run()
     finally:
         if trainer.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
