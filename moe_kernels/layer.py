@@ -54,6 +54,18 @@ def _old_expert_keys(state_dict, prefix, *args) -> None:
             state_dict[prefix + "experts." + name] = state_dict.pop(prefix + name)
 
 
+def _full_experts(layer: MoE, state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook: a full (E, ...) expert tensor loads as this rank's shard."""
+    if layer.ep is None:
+        return
+    r = layer.local_experts
+    for name, _ in layer.experts.named_parameters():
+        key = prefix + "experts." + name
+        t = state_dict.get(key)
+        if t is not None and t.shape[0] == layer.num_experts != len(r):
+            state_dict[key] = t[r.start : r.stop]
+
+
 class MoE(nn.Module):
     """A drop-in Mixture-of-Experts FFN: ``y = MoE(...)(x, labels=..., token_ids=...)``.
 
@@ -139,7 +151,7 @@ class MoE(nn.Module):
         self.aux_loss = torch.zeros(())
         self._stats: RoutingStats | None = None
         self._register_load_state_dict_pre_hook(_old_expert_keys)
-        self._register_load_state_dict_pre_hook(self._full_experts)
+        self._register_load_state_dict_pre_hook(_full_experts, with_module=True)
         self.ep: parallel.EPGroup | None = None
         self.ep_pad = False
         if ep_group is not None:
@@ -180,17 +192,6 @@ class MoE(nn.Module):
             return range(self.num_experts)
         n = self.experts.num_experts
         return range(self.ep.rank * n, (self.ep.rank + 1) * n)
-
-    def _full_experts(self, state_dict, prefix, *args) -> None:
-        """Load-state-dict pre-hook: a full (E, ...) expert tensor loads as this rank's shard."""
-        if self.ep is None:
-            return
-        r = self.local_experts
-        for name, _ in self.experts.named_parameters():
-            key = prefix + "experts." + name
-            t = state_dict.get(key)
-            if t is not None and t.shape[0] == self.num_experts != len(r):
-                state_dict[key] = t[r.start : r.stop]
 
     @property
     def w1_EFD(self) -> nn.Parameter:

@@ -166,14 +166,19 @@ class Peers:
         )
 
     @contextlib.contextmanager
-    def guard(self, what: str):
-        """Turn a failure of the collectives inside into a :class:`PeerFailure` naming peers."""
+    def guard(self, what: str, *, collective: bool = True):
+        """Turn a failure of the collectives inside into a :class:`PeerFailure` naming peers.
+
+        ``collective=False`` (a block that also runs local code): only a ``DistError`` or a
+        RuntimeError while some peer has exited is turned; others propagate unchanged."""
         try:
             yield
         except PeerFailure:
             raise
-        except RuntimeError as e:  # DistBackendError and gloo/NCCL errors are RuntimeErrors
-            raise PeerFailure(self.explain(what, e)) from e
+        except RuntimeError as e:  # gloo raises plain RuntimeErrors, NCCL DistBackendErrors
+            if collective or isinstance(e, dist.DistError) or self.exited():
+                raise PeerFailure(self.explain(what, e)) from e
+            raise
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,20 @@ def _run_case(case: int, rank: int, world: int, ep_group, dp_group=None) -> dict
     }
 
 
+def _load_full(group) -> bool:
+    """A full (unsharded) state dict loads into an expert-parallel layer as this rank's block."""
+    full, sharded = _layer(3), _layer(3, group)
+    with torch.no_grad():
+        for p in full.experts.parameters():
+            p.add_(torch.randn_like(p))
+    sharded.load_state_dict(full.state_dict())
+    r = sharded.local_experts
+    return all(
+        torch.equal(p, dict(full.experts.named_parameters())[n][r.start : r.stop])
+        for n, p in sharded.experts.named_parameters()
+    )
+
+
 def _session(rank: int, world: int, tmp: str) -> None:
     import torch.distributed as dist
 
@@ -114,6 +128,7 @@ def _session(rank: int, world: int, tmp: str) -> None:
     for name, (group, dp) in setups.items():
         for case in range(len(CASES)):
             results[(name, case)] = _run_case(case, rank, world, group, dp)
+        results[(name, "load_full")] = _load_full(group)
     torch.save(results, f"{tmp}/res{rank}.pt")
     _failures(rank, world, tmp)
     os._exit(0)  # no destroy_process_group: some peers are gone
@@ -230,7 +245,7 @@ def test_matches_one_process(session, case):
     ref = _reference(case, world)
     if CASES[case][1] is not None:  # the capacity must bite, or the case tests no dropping
         assert ref["stats"]["kept_LDE"].sum() < ref["stats"]["requested_LDE"].sum()
-    for setup in sorted({name for name, _ in session.res[0]}):
+    for setup in sorted({name for name, c in session.res[0] if c != "load_full"}):
         for r in range(world):
             got = session.res[r][(setup, case)]
             tag = f"{setup} case {case} rank {r}"
@@ -248,6 +263,12 @@ def test_matches_one_process(session, case):
                    torch.from_numpy(ref["stats"]["weight_sum_LDE"]))  # fmt: skip
         mean_aux = torch.stack([session.res[r][(setup, case)]["aux"] for r in range(world)]).mean()
         _close(f"{setup} case {case} aux", mean_aux, torch.stack(ref["auxes"]).mean(), atol=1e-6)
+
+
+def test_full_state_dict_loads_into_sharded_layers(session):
+    assert all(r is not None for r in session.res), f"exit codes {session.codes}"
+    loaded = {k: v for res in session.res for k, v in res.items() if k[1] == "load_full"}
+    assert loaded and all(loaded.values()), loaded
 
 
 def test_failed_rank_is_named_within_the_timeout(session):

@@ -229,13 +229,14 @@ def load(
     state = torch.load(ckpt / CKPT, map_location=device, weights_only=False)
     meta = state.pop("checkpoint", None)
     ep = experts.ep_size if experts is not None else 1
-    if meta is not None:
-        E = int(state["config"]["moe"]["num_experts"])
-        _check(meta, world, ep, E, ckpt / CKPT)
+    E = int(state["config"]["moe"]["num_experts"])
+    if meta is None:  # written before checkpoints recorded their layout: whole experts
+        meta = {"step": None, "world": world, "expert_parallel": 1}
+    _check(meta, world, ep, E, ckpt / CKPT)
     if world > 1:
-        local = _rank_file(ckpt, rank, meta["step"] if meta else None)
+        local = _rank_file(ckpt, rank, meta["step"])
         state.update({k: local[k] for k in RANK_LOCAL})
-    if meta is not None and (meta["expert_parallel"] > 1 or ep > 1):
+    if meta["expert_parallel"] > 1 or ep > 1:
         if meta["expert_parallel"] == ep:
             shard = local["experts"]
         else:

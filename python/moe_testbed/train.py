@@ -507,7 +507,8 @@ class Trainer:
 def train(cfg: RunConfig, out: str | os.PathLike, *, resume: bool = True) -> dict[str, Any]:
     """Train (or resume) a run in ``out``; returns the last logged value of every metric."""
     trainer = Trainer(cfg, out, resume=resume)
-    guard = trainer.peers.guard("training") if trainer.peers else contextlib.nullcontext()
+    peers = trainer.peers
+    guard = peers.guard("training", collective=False) if peers else contextlib.nullcontext()
     try:
         with guard:  # a failed collective names the rank that exited
             return trainer.run()
