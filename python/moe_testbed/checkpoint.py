@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moe_kernels import parallel
 from moe_testbed.rundir import RunDir, atomic_write_bytes
 
 __all__ = [
@@ -58,6 +59,20 @@ class ExpertShard(NamedTuple):
     optimizer_ids: tuple[int, ...]
     ep_rank: int
     ep_size: int
+
+    @classmethod
+    def of(
+        cls, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ep: parallel.EPGroup | None
+    ) -> ExpertShard | None:
+        """The shard of an expert-parallel ``model`` trained by ``optimizer`` (None without
+        expert parallelism)."""
+        if ep is None:
+            return None
+        keys = parallel.expert_parameters(model)
+        ids = {id(p) for p in keys.values()}
+        order = [p for g in optimizer.param_groups for p in g["params"]]
+        opt_ids = tuple(i for i, p in enumerate(order) if id(p) in ids)
+        return cls(tuple(keys), opt_ids, ep.rank, ep.size)
 
 
 def rng_state() -> dict[str, Any]:

@@ -186,15 +186,9 @@ class Trainer:
         self.probe_state: dict[str, Any] = {}
         resuming = resume and checkpoint.exists(self.run_dir)
         if resuming:
-            self.load_state_dict(
-                checkpoint.load(
-                    self.run_dir,
-                    device=self.device,
-                    rank=self.rank,
-                    world=self.world,
-                    experts=self._expert_shard(),
-                )
-            )
+            shard = checkpoint.ExpertShard.of(self.raw, self.optimizer, self.ep)
+            where = dict(device=self.device, rank=self.rank, world=self.world, experts=shard)
+            self.load_state_dict(checkpoint.load(self.run_dir, **where))
         elif self.rank == 0:
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
             self.run_dir.write_config(cfg.to_dict())
@@ -218,15 +212,6 @@ class Trainer:
                 f"(torchrun --nproc_per_node x --nnodes), got {size}"
             )
         return parallel.expert_parallel(self.raw, parallel.init_mesh(size, self.device.type))
-
-    def _expert_shard(self) -> checkpoint.ExpertShard | None:
-        if self.ep is None:
-            return None
-        keys = parallel.expert_parameters(self.raw)
-        ids = {id(p) for p in keys.values()}
-        order = [p for g in self.optimizer.param_groups for p in g["params"]]
-        opt_ids = tuple(i for i, p in enumerate(order) if id(p) in ids)
-        return checkpoint.ExpertShard(tuple(keys), opt_ids, self.ep.rank, self.ep.size)
 
     def _reference_groups(self) -> list[list[int]] | None:
         if self.cfg.moe.router != "reference":
@@ -434,7 +419,7 @@ class Trainer:
 
     def save(self) -> None:
         self.window.drain()  # device accumulators -> host window (saved below)
-        shard = self._expert_shard()
+        shard = checkpoint.ExpertShard.of(self.raw, self.optimizer, self.ep)
         checkpoint.save(
             self.run_dir, self.state_dict(), rank=self.rank, world=self.world, experts=shard
         )
