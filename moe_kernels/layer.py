@@ -16,6 +16,12 @@ Expert weights live in ``layer.experts`` (``experts.w1_EFD`` (E, F, D), ``expert
 (E, F, D), ``experts.w2_EDF`` (E, D, F), optional biases; the HF-compatible layout is described
 in ``moe_kernels.experts``); ``layer.w1_EFD`` / ``w3_EFD`` / ``w2_EDF`` are the same tensors.
 
+Expert parallelism (``ep_group=``, ``moe_kernels.parallel``): the layer keeps experts
+``[r*E/P, (r+1)*E/P)`` of the P ranks of the group on rank r (``layer.experts`` holds those,
+``layer.local_experts`` says which); the router stays replicated and routes over all E; rows go
+to the rank owning their expert and back with ``all_to_all_single``. Loading a full (unsharded)
+state dict into an expert-parallel layer keeps this rank's experts.
+
 After each forward, ``layer.aux_loss`` holds ``aux_coef * L_aux + z_coef * L_z`` (a scalar,
 differentiable; zero when there is nothing to add); ``moe_kernels.aux_losses(model)`` sums it
 over layers and ``moe_kernels.update_routers(model)`` applies the between-step updates.
@@ -29,6 +35,7 @@ import torch
 from torch import nn
 
 from moe_kernels import balancing as bal
+from moe_kernels import parallel
 from moe_kernels.config import MoEConfig
 from moe_kernels.experts import GroupedExperts, SharedExperts
 from moe_kernels.ops import RoutingPlan
@@ -47,6 +54,18 @@ def _old_expert_keys(state_dict, prefix, *args) -> None:
             state_dict[prefix + "experts." + name] = state_dict.pop(prefix + name)
 
 
+def _full_experts(layer: MoE, state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook: a full (E, ...) expert tensor loads as this rank's shard."""
+    if layer.ep is None:
+        return
+    r = layer.local_experts
+    for name, _ in layer.experts.named_parameters():
+        key = prefix + "experts." + name
+        t = state_dict.get(key)
+        if t is not None and t.shape[0] == layer.num_experts != len(r):
+            state_dict[key] = t[r.start : r.stop]
+
+
 class MoE(nn.Module):
     """A drop-in Mixture-of-Experts FFN: ``y = MoE(...)(x, labels=..., token_ids=...)``.
 
@@ -59,8 +78,15 @@ class MoE(nn.Module):
         backend: force an op backend (``"cpu"``, ``"cuda"``, ...) for every op.
         gather: the experts' fused-gather switch (``"auto"``, True, False; see
             ``moe_kernels.experts``).
+        ep_group: None, or the expert-parallel group (a ``ProcessGroup``, a 1-D ``DeviceMesh``
+            or a 2-D one with dimensions ``("dp", "ep")``): experts sharded over its ranks
+            (every rank of it builds the layer with the same seed; see
+            ``moe_kernels.parallel``).
+        ep_pad: exchange fixed-size padded blocks instead of exact row counts (no host
+            synchronisation, more memory; ``moe_kernels.parallel``).
 
-    Raises ValueError naming the argument for invalid configurations (see ``MoEConfig``).
+    Raises ValueError naming the argument for invalid configurations (see ``MoEConfig``), and
+    ``num_experts`` not divisible by the expert-parallel size.
     """
 
     _records_routing = True  # found by moe_kernels.stats
@@ -79,6 +105,8 @@ class MoE(nn.Module):
         shared_experts: int = 0,
         backend: str | None = None,
         gather: str | bool = "auto",
+        ep_group=None,
+        ep_pad: bool = False,
         **config,
     ) -> None:
         super().__init__()
@@ -123,14 +151,47 @@ class MoE(nn.Module):
         self.aux_loss = torch.zeros(())
         self._stats: RoutingStats | None = None
         self._register_load_state_dict_pre_hook(_old_expert_keys)
+        self._register_load_state_dict_pre_hook(_full_experts, with_module=True)
+        self.ep: parallel.EPGroup | None = None
+        self.ep_pad = False
+        if ep_group is not None:
+            self.shard_experts(ep_group, pad=ep_pad)
 
     @classmethod
     def from_config(
-        cls, d_model: int, d_ff: int, config: MoEConfig, *, backend: str | None = None
+        cls,
+        d_model: int,
+        d_ff: int,
+        config: MoEConfig,
+        *,
+        backend: str | None = None,
+        ep_group=None,
+        ep_pad: bool = False,
     ) -> MoE:
-        """Build a layer from a :class:`MoEConfig`."""
+        """Build a layer from a :class:`MoEConfig` (``ep_group``/``ep_pad`` as in the class)."""
         kw = asdict(config)
-        return cls(d_model, d_ff, kw.pop("num_experts"), kw.pop("top_k"), backend=backend, **kw)
+        E, k = kw.pop("num_experts"), kw.pop("top_k")
+        return cls(d_model, d_ff, E, k, backend=backend, ep_group=ep_group, ep_pad=ep_pad, **kw)
+
+    def shard_experts(self, ep_group, *, pad: bool = False) -> None:
+        """Keep only this rank's experts of ``ep_group`` (see the ``ep_group`` argument); every
+        rank of the group calls it. Raises ValueError when the layer is already sharded or E is
+        not a multiple of the group size, TypeError for a bad ``ep_group`` or ``pad``."""
+        if self.ep is not None:
+            raise ValueError(f"ep_group: the experts are already sharded over {self.ep.size} ranks")
+        if not isinstance(pad, bool):
+            raise TypeError(f"ep_pad: expected a bool, got {type(pad).__name__}")
+        ep = parallel.resolve(ep_group)
+        parallel.shard_experts(self.experts, ep)
+        self.ep, self.ep_pad = ep, pad
+
+    @property
+    def local_experts(self) -> range:
+        """Global ids of the experts this rank holds (all of them without expert parallelism)."""
+        if self.ep is None:
+            return range(self.num_experts)
+        n = self.experts.num_experts
+        return range(self.ep.rank * n, (self.ep.rank + 1) * n)
 
     @property
     def w1_EFD(self) -> nn.Parameter:
@@ -241,7 +302,14 @@ class MoE(nn.Module):
             x, labels_T=labels_T, token_ids_T=token_ids_T, bias_E=self.bias_E, backend=self.backend
         )
         plan = self._plan(dec, x_TD.shape[0])
-        out = self.experts(x_TD, plan, dec.weights_TK)
+        if self.ep is None:
+            out = self.experts(x_TD, plan, dec.weights_TK)
+        else:
+            T = dec.experts_TK.shape[0]
+            cap, _ = self.router.capacity(T, cfg.capacity_factor, cfg.drop)
+            out = parallel.routed_experts(
+                self.experts, x_TD, plan, dec.weights_TK, self.ep, capacity=cap, pad=self.ep_pad
+            )
         if self.shared is not None:
             out = out + self.shared(x_TD).to(out.dtype)
         sel_TK, kept_TK, counts_E = self.router.selection(dec, plan)
@@ -274,6 +342,7 @@ class MoE(nn.Module):
             f"router={c.router}, balance={c.balance}@{c.scope}, "
             f"capacity_factor={c.capacity_factor}, "
             f"activation={c.activation}, shared_experts={c.shared_experts}"
+            + (f", expert_parallel={self.ep.size}" if self.ep is not None else "")
         )
 
 

@@ -10,6 +10,15 @@ of the same step back. Saving serialises the state first, then renames ``last.pt
 crash at any moment leaves at least one complete checkpoint: :func:`load` takes ``last.pt``
 or, when it is missing or unreadable (then with a warning), ``previous.pt``.
 
+Expert parallelism: each rank's file also holds its experts and their optimizer state, which
+``last.pt`` then leaves out (:class:`ExpertShard`). Every file records the step, the world size
+and the expert-parallel size, so a resume takes the rank files of ``last.pt``'s (or
+``previous.pt``'s) step: a crash between the rank files and ``last.pt`` never mixes two
+checkpoints. An expert-parallel run resumes on the same world size; the expert-parallel size may
+change (:func:`place_experts` re-shards: the saved shards are concatenated and this rank's block
+cut out) to any size dividing both the world size and the number of experts; anything else
+stops with a ValueError naming the allowed sizes.
+
 Resuming (:func:`open_run`, :func:`check_resume`): the checkpoint's config must equal the new
 one except in ``RESUME_FREE`` fields (steps, logging/eval/checkpoint cadence, display); other
 differences need ``allow_config_change``, and ``RESUME_FIXED`` fields (model sizes, experts,
@@ -29,6 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moe_kernels import parallel
 from moe_testbed import runstart
 from moe_testbed.config import RunConfig
 from moe_testbed.rundir import RunDir, atomic_write_bytes
@@ -40,6 +50,7 @@ __all__ = [
     "RESUME_FIXED",
     "RESUME_FREE",
     "ConfigChangeError",
+    "ExpertShard",
     "RANK_LOCAL",
     "Loaded",
     "check_resume",
@@ -47,6 +58,7 @@ __all__ = [
     "exists",
     "load",
     "open_run",
+    "place_experts",
     "resume_changes",
     "resume_kind",
     "rng_state",
@@ -57,6 +69,31 @@ __all__ = [
 CKPT = "last.pt"
 PREVIOUS = "previous.pt"
 RANK_LOCAL = ("data", "rng")
+
+
+class ExpertShard(NamedTuple):
+    """Which entries of the trainer state are this rank's expert shard: the model state-dict
+    keys of the sharded expert tensors (expert dimension first), the optimizer state ids of
+    their parameters, this rank's index in its EP group and the group's size."""
+
+    model_keys: tuple[str, ...]
+    optimizer_ids: tuple[int, ...]
+    ep_rank: int
+    ep_size: int
+
+    @classmethod
+    def of(
+        cls, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ep: parallel.EPGroup | None
+    ) -> ExpertShard | None:
+        """The shard of an expert-parallel ``model`` trained by ``optimizer`` (None without
+        expert parallelism)."""
+        if ep is None:
+            return None
+        keys = parallel.expert_parameters(model)
+        ids = {id(p) for p in keys.values()}
+        order = [p for g in optimizer.param_groups for p in g["params"]]
+        opt_ids = tuple(i for i, p in enumerate(order) if id(p) in ids)
+        return cls(tuple(keys), opt_ids, ep.rank, ep.size)
 
 
 def rng_state() -> dict[str, Any]:
@@ -99,20 +136,52 @@ def exists(run_dir: RunDir) -> bool:
     return any((run_dir.checkpoints_dir / n).exists() for n in (CKPT, PREVIOUS))
 
 
-def save(run_dir: RunDir, state: dict[str, Any], *, rank: int = 0, world: int = 1) -> None:
-    """Write ``state`` (every rank calls it): rank 0 writes ``last.pt``; with ``world > 1``
-    every rank first writes its ``RANK_LOCAL`` entries to ``rank{r}.pt``, with barriers so no
-    rank runs ahead of a half-written checkpoint."""
+def _split(state: dict[str, Any], experts: ExpertShard) -> tuple[dict, dict]:
+    """(state without the expert shard, the shard)."""
+    keys, ids = set(experts.model_keys), set(experts.optimizer_ids)
+    opt = state["optimizer"]
+    shard = {
+        "model": {k: v for k, v in state["model"].items() if k in keys},
+        "optimizer": {i: s for i, s in opt["state"].items() if i in ids},
+    }
+    rest = dict(state)
+    rest["model"] = {k: v for k, v in state["model"].items() if k not in keys}
+    rest["optimizer"] = {**opt, "state": {i: s for i, s in opt["state"].items() if i not in ids}}
+    return rest, shard
+
+
+def save(
+    run_dir: RunDir,
+    state: dict[str, Any],
+    *,
+    rank: int = 0,
+    world: int = 1,
+    experts: ExpertShard | None = None,
+) -> None:
+    """Write ``state`` (every rank calls it): with ``world > 1`` every rank first writes its
+    ``RANK_LOCAL`` entries (and, with ``experts``, its expert shard) to ``rank{r}.pt``, then
+    rank 0 writes ``last.pt``, with barriers so no rank runs ahead of a half-written
+    checkpoint. Raises OSError from the filesystem and what a failed barrier raises."""
     folder = run_dir.checkpoints_dir
+    meta = {"step": state["step"], "world": world, "expert_parallel": 1}
+    if experts is not None:
+        state, shard = _split(state, experts)
+        meta.update(
+            expert_parallel=experts.ep_size,
+            expert_keys=list(experts.model_keys),
+            expert_optimizer_ids=list(experts.optimizer_ids),
+        )
     if world > 1:
         local = {k: state[k] for k in RANK_LOCAL}
-        local["step"] = state["step"]
+        local.update(step=state["step"], checkpoint=meta)
+        if experts is not None:
+            local["experts"] = shard
         folder.mkdir(parents=True, exist_ok=True)
         _write(folder, *_rank_names(rank), local)
         dist.barrier()
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
-        _write(folder, CKPT, PREVIOUS, state)
+        _write(folder, CKPT, PREVIOUS, {**state, "checkpoint": meta})
     if world > 1:
         dist.barrier()
 
@@ -162,7 +231,9 @@ def load(run_dir: RunDir, *, device: torch.device, rank: int = 0, world: int = 1
             skipped.append((name, describe_error(err)))
             continue
         if world > 1:
-            state.update(_rank_local(folder, rank, state["step"]))
+            local = _rank_file(folder, rank, state["step"])
+            state.update({k: local[k] for k in RANK_LOCAL})
+            state["rank_experts"] = local.get("experts")
         if skipped and rank == 0:
             why = "; ".join(f"{n}: {r}" for n, r in skipped)
             print(
@@ -179,8 +250,8 @@ def load(run_dir: RunDir, *, device: torch.device, rank: int = 0, world: int = 1
     )
 
 
-def _rank_local(folder: Path, rank: int, step: int) -> dict[str, Any]:
-    """This rank's entries saved at ``step`` (``rank{r}.pt`` or the one before it)."""
+def _rank_file(folder: Path, rank: int, step: int) -> dict[str, Any]:
+    """Rank ``rank``'s file saved at ``step`` (``rank{r}.pt`` or the one before it)."""
     for name in _rank_names(rank):
         path = folder / name
         if not path.exists():
@@ -190,11 +261,90 @@ def _rank_local(folder: Path, rank: int, step: int) -> dict[str, Any]:
         except Exception:
             continue
         if local.get("step", step) == step:
-            return {k: local[k] for k in RANK_LOCAL}
+            return local
     raise RunDirError(
         f"out: {folder} has no readable {_rank_names(rank)[0]} of step {step} for rank {rank}; "
         "start over with --no-resume"
     )
+
+
+def _allowed(world: int, num_experts: int) -> list[int]:
+    return [m for m in range(1, world + 1) if world % m == 0 and num_experts % m == 0]
+
+
+def _block(t, lo: int, hi: int, n: int):
+    """Rows [lo, hi) of an expert-dimension tensor with n rows; anything else as it is."""
+    if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == n:
+        return t[lo:hi].clone()
+    return t
+
+
+def _cat(parts: list):
+    """Shards -> the full tensor (expert dimension first); a scalar (Adam's step) as it is."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor) and first.dim() >= 1:
+        return torch.cat(parts)
+    return first
+
+
+def _reshard(folder: Path, state: dict, meta: dict, experts: ExpertShard | None, E: int) -> dict:
+    """The expert entries for this rank: from the saved shards (``expert_parallel`` > 1 when
+    saved) or from the full tensors in ``state`` (saved without expert parallelism)."""
+    saved = meta["expert_parallel"]
+    keys = meta.get("expert_keys") or (experts.model_keys if experts else [])
+    ids = meta.get("expert_optimizer_ids") or (experts.optimizer_ids if experts else [])
+    if saved > 1:  # ranks 0 .. saved - 1 hold EP ranks 0 .. saved - 1 of data-parallel replica 0
+        shards = [_rank_file(folder, r, meta["step"])["experts"] for r in range(saved)]
+        model = {k: torch.cat([s["model"][k] for s in shards]) for k in keys}
+        opt = {
+            i: {n: _cat([s["optimizer"][i][n] for s in shards]) for n in shards[0]["optimizer"][i]}
+            for i in ids
+            if i in shards[0]["optimizer"]
+        }
+    else:
+        model = {k: state["model"][k] for k in keys}
+        opt = {i: state["optimizer"]["state"][i] for i in ids if i in state["optimizer"]["state"]}
+    size, r = (experts.ep_size, experts.ep_rank) if experts else (1, 0)
+    lo, hi = r * E // size, (r + 1) * E // size
+    return {
+        "model": {k: _block(v, lo, hi, E) for k, v in model.items()},
+        "optimizer": {i: {n: _block(v, lo, hi, E) for n, v in s.items()} for i, s in opt.items()},
+    }
+
+
+def place_experts(
+    loaded: Loaded, *, device: torch.device, world: int = 1, experts: ExpertShard | None = None
+) -> None:
+    """Put this rank's experts into ``loaded.state`` (in place): its own saved shard, or the
+    shard cut from the saved ones when the expert-parallel size changed (module docstring).
+
+    Raises ValueError when the world size differs from the checkpoint's or the expert-parallel
+    size is not one the checkpoint can be re-sharded to; RunDirError when a rank file is missing.
+    """
+    state = loaded.state
+    meta = state.pop("checkpoint", None)
+    rank_experts = state.pop("rank_experts", None)
+    ep = experts.ep_size if experts is not None else 1
+    E = int(state["config"]["moe"]["num_experts"])
+    if meta is None:  # written before checkpoints recorded their layout: whole experts
+        meta = {"step": state["step"], "world": world, "expert_parallel": 1}
+    allowed = _allowed(meta["world"], E)
+    if meta["world"] != world or ep not in allowed:
+        raise ValueError(
+            f"checkpoint: {loaded.path} was written by {meta['world']} ranks with expert "
+            f"parallel {meta['expert_parallel']}; resume it on {meta['world']} ranks with "
+            f"--expert-parallel one of {allowed} (got {world} ranks, expert parallel {ep})"
+        )
+    if meta["expert_parallel"] == 1 and ep == 1:
+        return
+    if meta["expert_parallel"] == ep:
+        shard = rank_experts
+    else:
+        shard = _reshard(loaded.path.parent, state, meta, experts, E)
+    move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    state["model"].update({k: move(v) for k, v in shard["model"].items()})
+    opt = state["optimizer"]["state"]
+    opt.update({i: {n: move(v) for n, v in s.items()} for i, s in shard["optimizer"].items()})
 
 
 # ----------------------------------------------------------------------------- resuming
@@ -210,6 +360,8 @@ RESUME_FREE = (
     "train.progress",
     "train.tensorboard",
     "train.threads",
+    "train.expert_parallel",  # experts are re-sharded on load (place_experts checks the size)
+    "train.dist_timeout",
 )
 RESUME_FIXED = (
     "model.",

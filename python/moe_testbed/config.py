@@ -119,6 +119,14 @@ class TrainConfig:
     tensorboard: bool = _field(
         False, "also write every metric to OUT/tensorboard (extra: moe-testbed[tensorboard])"
     )
+    expert_parallel: int = _field(
+        1,
+        "expert-parallel ranks: experts sharded over groups of this many ranks, the rest data "
+        "parallel (torchrun; must divide the world size and moe.num_experts)",
+    )
+    dist_timeout: float = _field(
+        300.0, "seconds a collective waits for the other ranks before the run stops with an error"
+    )
 
 
 @dataclass
@@ -415,6 +423,8 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "train.beta2": _UNIT,
     "train.grad_clip": ((lambda v: math.isfinite(v) and v >= 0), ">= 0 (0 = off)"),
     "train.seed": ((lambda v: 0 <= v < 2**32), "in [0, 2**32)"),
+    "train.expert_parallel": _at_least(1),
+    "train.dist_timeout": _ABOVE_0,
     **{
         f"train.{n}": ((lambda v: v >= 0), ">= 0 (0 = off)")
         for n in ("log_every", "eval_every", "ckpt_every")
@@ -465,6 +475,12 @@ def validate(cfg: RunConfig, *, resources: bool = True) -> None:
                 "moe.top_k",
                 f"moe.top_k must be in [1, num_experts={moe.num_experts}], got {moe.top_k}",
             )
+    if isinstance(moe.num_experts, int) and moe.num_experts % cfg.train.expert_parallel:
+        raise ConfigError(
+            "train.expert_parallel",
+            f"train.expert_parallel must divide moe.num_experts={moe.num_experts}, "
+            f"got {cfg.train.expert_parallel}",
+        )
     groups = moe.num_groups
     if resources:
         _check_device(cfg.train.device)

@@ -8,10 +8,14 @@ One optimizer step (``Trainer.train_step``) is::
         (loss / grad_accum).backward()
     clip; optimizer.step(); scheduler.step(); update_routers(model)
 
-Routing statistics accumulate on device inside the MoE layers and are read (one host sync)
-only at log and eval steps. Checkpoints (``moe_testbed.checkpoint``) hold everything the next
-step depends on and a resumed run continues bit-identically on CPU. Data comes from
-``moe_testbed.sources``; metric names and the places records go from ``moe_testbed.logging``.
+Under torchrun the run is data parallel (DDP), or with ``--expert-parallel M`` expert parallel
+over groups of M ranks and data parallel across them (``moe_kernels.parallel``: DDP for the
+replicated parameters, expert gradients reduced over the data-parallel replicas, the gradient
+norm over every shard). Routing statistics accumulate on device inside the MoE layers and are
+read (one host sync) only at log and eval steps. Checkpoints (``moe_testbed.checkpoint``) hold
+everything the next step depends on and a resumed run continues bit-identically on CPU. Data
+comes from ``moe_testbed.sources``; metric names and the places records go from
+``moe_testbed.logging``.
 
 Legend: B micro-batch, S positions, V vocabulary, L MoE layers, D domains, E experts.
 """
@@ -19,6 +23,7 @@ Legend: B micro-batch, S positions, V vocabulary, L MoE layers, D domains, E exp
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import os
 import random
@@ -30,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from moe_kernels import aux_losses, stats, update_routers
+from moe_kernels import aux_losses, parallel, stats, update_routers
 from moe_testbed import checkpoint, metrics, probes, runstart, sinks
 from moe_testbed import logging as names
 from moe_testbed.config import RunConfig, save, validate
@@ -41,11 +46,13 @@ from moe_testbed.sources import RunData, build_data
 # ----------------------------------------------------------------------------- setup
 
 
-def _dist() -> tuple[int, int]:
-    """(rank, world) -- initialises the process group when launched by torchrun."""
+def _dist(timeout_s: float) -> tuple[int, int]:
+    """(rank, world) -- initialises the process group when launched by torchrun, with
+    collectives that give up after ``timeout_s`` seconds."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
@@ -155,7 +162,7 @@ class Trainer:
         allow_config_change: bool = False,
     ) -> None:
         validate(cfg)  # every field, and what the run needs from this machine: before any work
-        self.cfg, self.rank, self.world = cfg, *_dist()
+        self.cfg, self.rank, self.world = cfg, *_dist(cfg.train.dist_timeout)
         self.device = _device(cfg, self.rank)
         self.run_dir = RunDir(out)
         self.run_lock = runstart.lock(self.run_dir) if self.rank == 0 else None
@@ -190,8 +197,10 @@ class Trainer:
         self.raw = MoETransformer(cfg.model, cfg.moe).to(self.device)
         self.groups = self._reference_groups()
         self.model: torch.nn.Module = self.raw
+        self.ep = self._expert_parallel(t.expert_parallel)
+        self.peers = parallel.Peers.gather() if self.world > 1 else None  # to name failed ranks
         if self.world > 1:
-            self.model = torch.nn.parallel.DistributedDataParallel(self.raw)
+            self.model = parallel.data_parallel(self.raw)  # DDP; sharded experts left out
         if t.compile:
             self.model = torch.compile(self.model)
         self.optimizer = _optimizer(self.raw, cfg)
@@ -221,6 +230,8 @@ class Trainer:
     ) -> None:
         """Load the checkpoint; a state that does not fit the model, optimizer or data stream
         is a clear error, not a traceback. Recorded in ``history.jsonl``."""
+        shard = checkpoint.ExpertShard.of(self.raw, self.optimizer, self.ep)
+        checkpoint.place_experts(loaded, device=self.device, world=self.world, experts=shard)
         try:
             self.load_state_dict(loaded.state)
         except (RuntimeError, ValueError, KeyError, IndexError) as err:
@@ -243,6 +254,17 @@ class Trainer:
         """Release the run directory (idempotent)."""
         if self.run_lock is not None:
             self.run_lock.release()
+
+    def _expert_parallel(self, size: int) -> parallel.EPGroup | None:
+        """Shard the experts over groups of ``size`` ranks (None for 1)."""
+        if size == 1:
+            return None
+        if self.world % size:
+            raise ValueError(
+                f"train.expert_parallel: expected a divisor of the world size {self.world} "
+                f"(torchrun --nproc_per_node x --nnodes), got {size}"
+            )
+        return parallel.expert_parallel(self.raw, parallel.init_mesh(size, self.device.type))
 
     def _reference_groups(self) -> list[list[int]] | None:
         if self.cfg.moe.router != "reference":
@@ -278,8 +300,11 @@ class Trainer:
             aux_total += aux.detach().to(aux_total.device) / t.grad_accum
             if log_step and t.stats:
                 per_micro.append(self.window.read(all_reduce=False))  # this rank's micro-batch
+        if self.ep is not None:
+            parallel.reduce_expert_grads(self.raw)  # over the data-parallel replicas
         if t.grad_clip > 0:
-            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), t.grad_clip)
+            clip = parallel.clip_grad_norm_ if self.ep else torch.nn.utils.clip_grad_norm_
+            self.last_grad_norm = clip(self.raw if self.ep else self.raw.parameters(), t.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -461,7 +486,10 @@ class Trainer:
 
     def save(self) -> None:
         self.window.drain()  # device accumulators -> host window (saved below)
-        checkpoint.save(self.run_dir, self.state_dict(), rank=self.rank, world=self.world)
+        shard = checkpoint.ExpertShard.of(self.raw, self.optimizer, self.ep)
+        checkpoint.save(
+            self.run_dir, self.state_dict(), rank=self.rank, world=self.world, experts=shard
+        )
 
     # -- the loop
     def run(self) -> dict[str, Any]:
@@ -509,6 +537,10 @@ class Trainer:
 
     def print_summary(self) -> None:
         n = self.raw.num_params()
+        if self.ep is not None:  # count the other EP ranks' experts too
+            shard = sum(p.numel() for p in parallel.expert_parameters(self.raw).values())
+            n = {**n, "total": n["total"] + (self.ep.size - 1) * shard}
+            n["active"] += (self.ep.size - 1) * shard
         t, m = self.cfg.train, self.cfg.model
         print(
             f"moe-testbed: preset={self.cfg.preset} router={self.cfg.moe.router} "
@@ -517,7 +549,8 @@ class Trainer:
             f"  params: total {n['total'] / 1e6:.2f}M, active {n['active'] / 1e6:.2f}M per token; "
             f"train FLOPs/token {n['flops_per_token'] / 1e6:.1f}M\n"
             f"  tokens/step {t.micro_batch_size * m.seq_len * t.grad_accum * self.world:,}"
-            f" ({self.world} rank(s) x {t.grad_accum} micro-batches); device {self.device}; "
+            f" ({self.world} rank(s) x {t.grad_accum} micro-batches, expert parallel "
+            f"{t.expert_parallel}); device {self.device}; "
             f"domains {len(self.data.domains)}; out {self.run_dir.path}",
             flush=True,
         )
@@ -539,8 +572,11 @@ def train(
     or unusable, ConfigChangeError when resuming would change the config.
     """
     trainer = Trainer(cfg, out, resume=resume, allow_config_change=allow_config_change)
+    peers = trainer.peers
+    guard = peers.guard("training", collective=False) if peers else contextlib.nullcontext()
     try:
-        return trainer.run()
+        with guard:  # a failed collective names the rank that exited
+            return trainer.run()
     finally:
         trainer.close()
         if trainer.world > 1 and dist.is_initialized():

@@ -1,0 +1,7 @@
+"""``python -m moe_testbed`` (and ``torchrun ... -m moe_testbed train ...``): the command line."""
+
+import sys
+
+from moe_testbed.cli import main
+
+sys.exit(main())
