@@ -67,6 +67,7 @@ def _cmd_specialize(args: argparse.Namespace) -> int:
             lr=args.lr,
             batch_size=args.batch_size,
             text=args.text,
+            domains=args.domains,
             seq_len=args.seq_len,
             eval_tokens=args.eval_tokens,
             device=args.device,
@@ -143,6 +144,7 @@ def add_analysis_subcommands(subparsers: Any) -> None:
     s.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     s.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     s.add_argument("--text", default=None, help="text source (default: the run's corpus)")
+    s.add_argument("--domains", default=None, help="comma-separated domains to evaluate")
     s.add_argument("--seq-len", type=int, default=None, help="tokens per sequence")
     s.add_argument("--eval-tokens", type=int, default=None, help="validation tokens per domain")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 SAMPLE_DOMAINS = "de,code_py,legal"
 # Tiny on purpose: the tests check plumbing and exactness, not what the model learns. Two
@@ -34,7 +35,12 @@ def sample_run(tmp_path_factory) -> Path:
     from moe_testbed.train import train
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    train(RunConfig.from_dict(RUN), out)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # see one_thread
+    try:
+        train(RunConfig.from_dict(RUN), out)
+    finally:
+        torch.set_num_threads(before)
     return out
 
 
@@ -45,3 +51,12 @@ def sample_export(sample_run, tmp_path_factory) -> Path:
     from moe_testbed.export import export_run
 
     return export_run(sample_run, tmp_path_factory.mktemp("export") / "hf")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: more intra-op threads only contend (and spin on a loaded machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -19,6 +19,8 @@ from moe_testbed.analyze import analyze, coactivation_matrix, paradigm_verdict  
 from moe_testbed.domain_text import domain_windows, hf_encoder, load_text  # noqa: E402
 from moe_testbed.rundir import RunDir  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = dict(
     hidden_size=16,
     num_hidden_layers=2,

@@ -15,6 +15,8 @@ from moe_testbed.config import ModelConfig, default_moe  # noqa: E402
 from moe_testbed.export import export_family, export_model, load_run_model, run_tokenizer  # noqa: E402
 from moe_testbed.model import MoETransformer  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _model(**overrides) -> MoETransformer:
     moe = {k: overrides.pop(k) for k in ("normalize", "activation") if k in overrides}
