@@ -13,13 +13,13 @@ directory in the trainer's format (``moe_testbed.rundir``) with the report pages
   router entropy and confidence, ...), and the probes under ``probe/`` (stiffness, n-gram
   expertise, co-activation);
 - ``counts/step_0000000.npz``: the counts, ``coactivation_LEE`` over every analysed token,
-  ``seq_counts_NLE`` (selections of every sequence) and ``seq_domain_N`` (its domain);
+  ``seq_counts_LNE`` (selections of every sequence) and ``seq_domain_N`` (its domain);
 - ``verdict.json`` / ``verdict.md``: the paradigm verdict (:func:`paradigm_verdict`, rule in
   ``docs/METRICS.md``) with the numbers it rests on; ``report/`` (``moe-testbed report``).
 
 Memory does not grow with the number of tokens: counts, co-activation and losses accumulate on
 the model's device (``moe_kernels.stats``, one host synchronisation at the end); the captures of
-each batch are consumed and dropped. Only the per-sequence counts (N x L x E integers) grow,
+each batch are consumed and dropped. Only the per-sequence counts (L x N x E integers) grow,
 with the number of sequences. bf16 on GPU, fp32 on CPU.
 
 Legend: L MoE layers, D domains, E experts, K top-k, B sequences, S positions, T = B * S,
@@ -68,6 +68,13 @@ def modular_specialization(num_experts: int) -> float:
 
 
 # ----------------------------------------------------------------------------- the model
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` = the GPU when there is one, else the CPU; any other torch device name as is."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def _looks_local(name: str) -> bool:
@@ -132,20 +139,19 @@ def routing_blocks(model: torch.nn.Module) -> list[SparseMoEBlock]:
 class Collected(NamedTuple):
     """One pass over the windows: ``sums`` as ``moe_kernels.stats.read`` returns them;
     ``loss_D`` summed next-token cross-entropy and ``tokens_D`` predicted tokens per domain;
-    ``coactivation_LEE`` pair counts (diagonal: selections); ``seq_counts_NLE`` int32 and
+    ``coactivation_LEE`` pair counts (diagonal: selections); ``seq_counts_LNE`` int32 and
     ``seq_domain_N`` int64."""
 
     sums: dict[str, Any]
     loss_D: np.ndarray
     tokens_D: np.ndarray
     coactivation_LEE: np.ndarray
-    seq_counts_NLE: np.ndarray
+    seq_counts_LNE: np.ndarray
     seq_domain_N: np.ndarray
 
 
 def _logits(model: torch.nn.Module, tokens_BS: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=tokens_BS) if hasattr(model, "config") else model(tokens_BS)
-    return (out.logits if hasattr(out, "logits") else out).float()
+    return model(input_ids=tokens_BS).logits.float()
 
 
 def _experts_per_layer(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -176,7 +182,7 @@ def collect(
     captured_routing(model, clear=True)
     stats.enable(model, num_labels=D)
     coact = torch.zeros(L, E, E, dtype=torch.float64, device=device)
-    seq_counts = torch.zeros(N, L, E, dtype=torch.int32, device=device)
+    seq_counts = torch.zeros(L, N, E, dtype=torch.int32, device=device)
     seq_domain = torch.zeros(N, dtype=torch.int64)
     loss = torch.zeros(D, dtype=torch.float64, device=device)
     counted = torch.zeros(D, dtype=torch.int64)
@@ -200,7 +206,7 @@ def collect(
                 hot_TE = torch.zeros(B * S, E, device=device)
                 hot_TE.scatter_(1, experts_TK, 1.0)
                 coact[layer] += (hot_TE.T @ hot_TE).double()
-                seq_counts[n0 : n0 + B, layer] = hot_TE.view(B, S, E).sum(1).int()
+                seq_counts[layer, n0 : n0 + B] = hot_TE.view(B, S, E).sum(1).int()
             seq_domain[n0 : n0 + B] = d
             n0 += B
             if bar is not None:
@@ -384,8 +390,7 @@ def analyze(
     """
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise ValueError(f"tokens: expected an int >= 1 (tokens per domain), got {tokens!r}")
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else None
-    dev = dev or torch.device(device)
+    dev = resolve_device(device)
     text = (
         text if isinstance(text, DomainText) else load_text(text, domains, split=split, seed=seed)
     )
@@ -432,7 +437,7 @@ def analyze(
         weight_sum_LDE=sums["weight_sum_LDE"],
         domains=text.domains,
         coactivation_LEE=coactivation_matrix(col.coactivation_LEE).astype(np.float32),
-        seq_counts_NLE=col.seq_counts_NLE,
+        seq_counts_LNE=col.seq_counts_LNE,
         seq_domain_N=col.seq_domain_N,
     )
     atomic_write_json(rd.path / "verdict.json", verdict)

@@ -319,8 +319,9 @@ def specialize(
     for name, v in (("steps", steps), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else None
-    dev = dev or torch.device(device)
+    from moe_testbed.analyze import resolve_device
+
+    dev = resolve_device(device)
     if not Path(str(model)).exists() and str(model).startswith((".", "/", "~")):
         raise FileNotFoundError(f"model: no such directory {str(model)!r}")
     subj = _subject(str(model), dev)
