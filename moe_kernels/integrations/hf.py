@@ -6,14 +6,16 @@ Legend: T tokens, D hidden size, F expert hidden size, E experts, K top-k.
   (``gate_proj``/``up_proj``/``down_proj``) with :class:`UpcycledMLP` modules wrapping a
   ``moe_kernels.MoE`` whose experts all start as the dense weights (plus optional noise). With
   ``noise=0`` and renormalised gates the model computes exactly what it computed before.
-- :func:`convert_sparse_moe` replaces the sparse MoE blocks of Mixtral, Qwen2-MoE, Qwen3-MoE and
-  OLMoE with :class:`SparseMoEBlock`, which routes with the block's own ``gate`` through the
-  token-choice code of ``moe_kernels.routers`` (``top_k_decision`` -> ``plan_decision``, i.e.
-  ``topk_gating`` -> ``route``, dropless) and runs the experts as a
+- :func:`convert_sparse_moe` replaces the sparse MoE blocks of Mixtral, Qwen2-MoE, Qwen3-MoE,
+  OLMoE, DeepSeek-V2, DeepSeek-V3 and GLM-4-MoE with :class:`SparseMoEBlock`, which routes with
+  the block's own ``gate`` through the family's rule (``moe_kernels.integrations.hf_routing``:
+  ``topk_gating`` selection, grouped top-k, sigmoid scores with the correction bias, routed
+  scaling factor) and ``route`` (dropless), and runs the experts as a
   ``moe_kernels.experts.GroupedExperts`` on the block's own parameters (shared, not copied, for
   the fused ``gate_up_proj`` (E, 2F, D) / ``down_proj`` (E, D, F) layout of transformers >= 5;
-  stacked copies for the per-expert ``nn.ModuleList`` layout of 4.x), gives the same outputs,
-  and can capture the routing (``capture=True``) and feed ``moe_kernels.stats``.
+  stacked copies for the per-expert ``nn.ModuleList`` layout of 4.x) plus the block's shared
+  experts, gives the same outputs, and can capture the routing (``capture=True``) and feed
+  ``moe_kernels.stats``. Other families are refused with an error naming the supported ones.
 
 Nothing here imports ``transformers``: modules are recognised by their structure, so the same
 code serves every version that keeps these attribute names.
@@ -28,8 +30,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_kernels.experts import GroupedExperts
+from moe_kernels.integrations.hf_routing import (
+    BLOCK_RULES,
+    RULE_SCORE,
+    RULES,
+    SUPPORTED_MODEL_TYPES,
+    block_rule,
+)
 from moe_kernels.layer import MoE
-from moe_kernels.routers import RouterDecision, plan_decision, top_k_decision
+from moe_kernels.routers import RouterDecision, plan_decision
 
 # ---- upcycling -------------------------------------------------------------------------------
 
@@ -210,16 +219,21 @@ def _grouped_experts(experts: nn.Module, backend: str | None) -> GroupedExperts:
 
 
 class SparseMoEBlock(nn.Module):
-    """An HF sparse MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) run on moe_kernels: the
-    block's own ``gate`` routes through ``top_k_decision`` / ``plan_decision``, its experts run as
-    a ``GroupedExperts`` (``self.experts``, HF's ``gate_up_proj`` / ``down_proj`` names and keys).
+    """An HF sparse MoE block run on moe_kernels: the block's own ``gate`` gives the router
+    logits, the family's rule (``hf_routing.RULES``) the decision, ``plan_decision`` the plan,
+    and the experts run as a ``GroupedExperts`` (``self.experts``, HF's ``gate_up_proj`` /
+    ``down_proj`` names and keys).
 
-    Keeps the block's ``gate`` (so HF's router-logit recording still sees it) and,
-    for Qwen2-MoE, ``shared_expert`` / ``shared_expert_gate``. Returns what the original block
-    returned: the hidden states (transformers >= 5) or ``(hidden, router_logits)`` (4.x).
-    With ``capture=True`` every forward appends a :class:`RoutingCapture` to ``self.captured``;
-    ``moe_kernels.stats.enable`` works on models holding these blocks (labels via
-    :func:`set_routing_inputs`).
+    Keeps the block's ``gate`` (so HF's router-logit recording still sees it) and its shared
+    experts under their HF names: Qwen2-MoE's ``shared_expert`` (gated by
+    ``sigmoid(shared_expert_gate(x))``), DeepSeek's and GLM's ``shared_experts`` (ungated).
+    Returns what the original block returned: the hidden states (transformers >= 5) or
+    ``(hidden, router_logits)`` (4.x). With ``capture=True`` every forward appends a
+    :class:`RoutingCapture` to ``self.captured``; ``moe_kernels.stats.enable`` works on models
+    holding these blocks (labels via :func:`set_routing_inputs`).
+
+    Raises ValueError for a block of an unsupported family (the message lists the supported
+    block classes).
     """
 
     _records_routing = True
@@ -228,11 +242,19 @@ class SparseMoEBlock(nn.Module):
         self, block: nn.Module, *, capture: bool = False, backend: str | None = None
     ) -> None:
         super().__init__()
+        rule = block_rule(block)
+        if rule is None:
+            raise ValueError(
+                f"block: {type(block).__name__} is not a supported sparse MoE block; supported: "
+                f"{sorted(BLOCK_RULES)}"
+            )
+        self.rule, self.score = rule, RULE_SCORE[rule]
         self.gate = block.gate
         self.legacy = isinstance(block.gate, nn.Linear)  # transformers 4.x: gate is a Linear
         self.experts = _grouped_experts(block.experts, backend)
         self.shared_expert = getattr(block, "shared_expert", None)
         self.shared_expert_gate = getattr(block, "shared_expert_gate", None)
+        self.shared_experts = getattr(block, "shared_experts", None)
         owner = block if self.legacy else block.gate
         self.top_k = int(owner.top_k)
         self.normalize = bool(getattr(owner, "norm_topk_prob", True))  # Mixtral always renormalises
@@ -257,10 +279,8 @@ class SparseMoEBlock(nn.Module):
         x_TD = hidden_states.reshape(-1, shape[-1]).contiguous()
         logits = self.gate(x_TD)
         logits = logits if self.legacy else logits[0]
-        # HF's routers: softmax in fp32, top-k, renormalised when norm_topk_prob; dropless.
-        dec = top_k_decision(
-            logits.float(), self.top_k, normalize=self.normalize, backend=self.backend
-        )
+        # The family's router in fp32 (hf_routing), dropless like every HF block.
+        dec = RULES[self.rule](self.gate, logits.float(), self.top_k, self.normalize, self.backend)
         plan = plan_decision(dec, self.num_experts, backend=self.backend)
         out = self.experts(x_TD, plan, dec.weights_TK.to(x_TD.dtype))
         if self.shared_expert is not None:
@@ -268,6 +288,8 @@ class SparseMoEBlock(nn.Module):
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared
             out = out + shared
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x_TD)
         self._record(dec)
         out = out.reshape(shape)
         return (out, logits) if self.legacy else out
@@ -282,25 +304,24 @@ class SparseMoEBlock(nn.Module):
         if self._stats is not None:
             labels = self.labels.reshape(-1) if self.labels is not None else None
             e = dec.experts_TK
-            self._stats.record(e, e, dec.weights_TK, dec.scores_TE, "softmax", labels)
-
-
-def _is_sparse_block(m: nn.Module) -> bool:
-    return (
-        type(m).__name__.endswith("SparseMoeBlock") and hasattr(m, "gate") and hasattr(m, "experts")
-    )
+            self._stats.record(e, e, dec.weights_TK, dec.scores_TE, self.score, labels)
 
 
 def convert_sparse_moe(
     model: nn.Module, *, capture: bool = False, backend: str | None = None
 ) -> list[str]:
-    """Replace every sparse MoE block of ``model`` with a :class:`SparseMoEBlock` (same outputs).
+    """Replace every supported sparse MoE block of ``model`` with a :class:`SparseMoEBlock`
+    (same outputs; blocks already converted are left as they are).
 
-    Returns the names of the converted blocks. Raises ValueError when there are none.
+    Returns the names of the converted blocks. Raises ValueError when there are none, naming
+    the supported block classes.
     """
-    found = [n for n, m in model.named_modules() if _is_sparse_block(m)]
+    found = [n for n, m in model.named_modules() if block_rule(m) is not None]
     if not found:
-        raise ValueError("model: found no *SparseMoeBlock (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE)")
+        raise ValueError(
+            f"model: found no supported sparse MoE block; supported: {sorted(BLOCK_RULES)} "
+            f"(families {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
     for name in found:
         _replace(
             model, name, SparseMoEBlock(model.get_submodule(name), capture=capture, backend=backend)

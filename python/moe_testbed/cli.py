@@ -1,4 +1,5 @@
-"""The ``moe-testbed`` command line: ``train``, ``demo``, ``report``, ``compare``, ``data ...``.
+"""The ``moe-testbed`` command line: ``train``, ``demo``, ``report``, ``compare``, ``analyze``,
+``export``, ``specialize``, ``data ...``.
 
 ``train`` takes one flag per config field (``moe-testbed train --help`` lists them, with the
 help text of each field), a ``--config`` file and a ``--preset``; flags override the file, the
@@ -191,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_data_subcommands(sub)
     add_report_subcommands(sub)
+    from moe_testbed.analysis_cli import add_analysis_subcommands
+
+    add_analysis_subcommands(sub)
     _add_debug(parser)
     return parser
 

@@ -9,7 +9,8 @@
 * ``bias_drift.png`` (when counts carry ``bias_LE``): spread of the aux-free bias per layer
   over steps and the final bias per expert;
 * ``report.html`` (self-contained: images embedded as base64, metric tables, the config) and
-  ``summary.md``.
+  ``summary.md``; both include ``RUN_DIR/verdict.md`` when present (``moe-testbed analyze``'s
+  paradigm verdict).
 
 Metrics computed from the counts files use ``metrics.summarize`` with scope ``"eval"``: the
 counts of one evaluation pass, not of a training batch.
@@ -227,6 +228,10 @@ def make_report(run_dir: str | os.PathLike) -> list[Path]:
             f"<h2>Routing metrics per layer ({html.escape(counts_note)}, scope {EVAL_SCOPE})</h2>"
             + _html_table(layer_header, layer_body)
         )
+    verdict_path = rd.path / "verdict.md"
+    verdict = verdict_path.read_text(encoding="utf-8") if verdict_path.exists() else ""
+    if verdict:
+        sections.append(f"<h2>Paradigm verdict</h2><pre>{html.escape(verdict)}</pre>")
     sections.append("<h2>Plots</h2>" + "".join(_img_tag(p) for p in images))
     sections.append(f"<h2>Config</h2><pre>{html.escape(config_text)}</pre>")
     html_path = out / "report.html"
@@ -238,6 +243,8 @@ def make_report(run_dir: str | os.PathLike) -> list[Path]:
     if final_summary:
         md.append(f"\n## Routing metrics per layer ({counts_note}, scope {EVAL_SCOPE})\n\n")
         md.append(markdown_table(layer_header, layer_body) + "\n")
+    if verdict:
+        md.append("\n#" + verdict)  # its "# Paradigm verdict" becomes a section
     md.append("\n## Plots\n\n" + "".join(f"![{p.stem}]({p.name})\n" for p in images))
     md_path = out / "summary.md"
     md_path.write_text("".join(md), encoding="utf-8")

@@ -1,6 +1,10 @@
-"""Shared fixtures of the testbed tests."""
+"""Shared fixtures of the testbed tests: a factory of seconds-long synthetic run configs, and
+for the analysis tests one tiny trained run on the shipped sample and its Hugging Face export,
+built once per session (a few seconds on CPU)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,3 +34,56 @@ def tiny_cfg():
         return cfg
 
     return make
+
+
+SAMPLE_DOMAINS = "de,code_py,legal"
+# Tiny on purpose: the tests check plumbing and exactness, not what the model learns. Two
+# evaluation micro-batches of 4 sequences of 32 tokens: 256 validation tokens per domain.
+RUN = {
+    "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff_expert": 32, "seq_len": 32},
+    "moe": {"num_experts": 4, "top_k": 2},
+    "data": {"domains": SAMPLE_DOMAINS, "eval_batches": 2},
+    "train": {
+        "steps": 4,
+        "micro_batch_size": 4,
+        "eval_every": 4,
+        "log_every": 2,
+        "ckpt_every": 4,
+        "progress": False,
+        "warmup_steps": 1,
+    },
+}
+VAL_TOKENS = 2 * 4 * 32
+
+
+@pytest.fixture(scope="session")
+def sample_run(tmp_path_factory) -> Path:
+    """A 4-step run on three sample domains (checkpoint, counts, metrics)."""
+    from moe_testbed.train import train
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # see one_thread
+    try:
+        train(RunConfig.from_dict(RUN), out)
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_export(sample_run, tmp_path_factory) -> Path:
+    """``sample_run`` exported as a Hugging Face model directory (with its tokenizer)."""
+    pytest.importorskip("transformers")
+    from moe_testbed.export import export_run
+
+    return export_run(sample_run, tmp_path_factory.mktemp("export") / "hf")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: more intra-op threads only contend (and spin on a loaded machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
