@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from moe_testbed import __version__
-from moe_testbed.config import ConfigError, add_config_flags, flag, resolve, validate
+from moe_testbed.config import ConfigError, flag, validate
+from moe_testbed.flags import add_config_flags, resolve
 from moe_testbed.runstart import RunDirError
 
 # Errors a user can cause with flags, files or directories: one line, exit status 2.

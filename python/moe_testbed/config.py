@@ -15,13 +15,12 @@ The ``moe`` section is ``moe_kernels.MoEConfig`` itself (definitions in ``docs/R
 Every field of every section carries ``metadata={"help": ..., "choices": ...}``; the flags, their
 help and the accepted values come from there, so a new field shows up everywhere at once. Every
 field is reachable from both the file and the flags; flag names are the field names with dashes,
-unique across sections. The resolved config is written to the run directory as ``config.json``
-and loads back to an equal ``RunConfig``.
+unique across sections (``moe_testbed.flags`` reads files and flags). The resolved config is
+written to the run directory as ``config.json`` and loads back to an equal ``RunConfig``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -256,36 +255,6 @@ def apply_overrides(cfg: RunConfig, d: dict[str, Any], origin: str = "config") -
     return cfg
 
 
-def load_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML (.yaml/.yml) or JSON config file into a nested dict.
-
-    Raises FileNotFoundError for a missing file, ValueError naming the file for another suffix,
-    invalid content (with the parser's line and column) or a top level that is not a mapping.
-    """
-    path = Path(path)
-    if not path.is_file():
-        what = "a directory" if path.is_dir() else "not found"
-        raise FileNotFoundError(f"--config: expected a YAML or JSON file, got {path} ({what})")
-    if path.suffix not in (".yaml", ".yml", ".json"):
-        raise ValueError(f"--config: file must end in .yaml, .yml or .json, got {path.name}")
-    try:
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-    except Exception as err:  # JSONDecodeError, YAMLError, UnicodeDecodeError
-        where = str(err).replace("\n", " ")
-        raise ValueError(
-            f"--config: {path} is not valid {path.suffix[1:].upper()}: {where}"
-        ) from None
-    if not isinstance(data, dict):
-        raise ValueError(f"--config: {path} must hold a mapping at top level")
-    return data
-
-
 def save(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config as JSON (or YAML when the name ends in .yaml/.yml)."""
     path = Path(path)
@@ -297,69 +266,11 @@ def save(cfg: RunConfig, path: str | Path) -> None:
         path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
-# ----------------------------------------------------------------------------- flags
+# ----------------------------------------------------------------------------- flag names
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
-
-
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field (default: not given), plus ``--config`` and ``--preset``.
-
-    Help text and choices come from each field's metadata; the default shown is the field's
-    (the preset's model sizes apply on top, see ``PRESETS``).
-    """
-    parser.add_argument("--config", metavar="FILE", help="YAML or JSON run config")
-    parser.add_argument(
-        "--preset", help=f"model size preset, one of {', '.join(PRESETS)} (default tiny)"
-    )
-    defaults = RunConfig()
-    for section, cls in SECTIONS.items():
-        title = cls.__doc__.splitlines()[0].replace("``", "")
-        group = parser.add_argument_group(f"{section} ({title})")
-        for name, (tp, f) in _fields(cls).items():
-            default = getattr(getattr(defaults, section), name)
-            help_text = f"{f.metadata['help']} (default {default})"
-            kw: dict[str, Any] = dict(dest=f"{section}.{name}", default=argparse.SUPPRESS)
-            if tp is bool:
-                kw["action"] = argparse.BooleanOptionalAction
-            else:
-                choices = f.metadata.get("choices")
-                kw["type"] = _flag_type(tp, _flag(name), choices)
-                kw["metavar"] = "{" + ",".join(map(str, choices)) + "}" if choices else name.upper()
-            group.add_argument(_flag(name), help=help_text.replace("%", "%%"), **kw)
-
-
-def _flag_type(tp: Any, flag: str, choices: tuple | None):
-    def parse(text: str) -> Any:
-        try:
-            return _convert(text, tp, flag, choices)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    parse.__name__ = flag
-    return parse
-
-
-def resolve(args: argparse.Namespace) -> RunConfig:
-    """Preset < file < flags. Raises ValueError on an unknown preset, bad file content or an
-    inconsistent result (see :func:`validate`)."""
-    file_d = load_file(args.config) if getattr(args, "config", None) else {}
-    preset = getattr(args, "preset", None) or file_d.get("preset", "tiny")
-    cfg = RunConfig(preset=preset)
-    cfg.model = get_preset(preset)
-    apply_overrides(
-        cfg, {k: v for k, v in file_d.items() if k != "preset"}, origin=str(args.config)
-    )
-    flags: dict[str, dict[str, Any]] = {}
-    for key, value in vars(args).items():
-        if "." in key:
-            section, name = key.split(".", 1)
-            flags.setdefault(section, {})[name] = value
-    apply_overrides(cfg, flags, origin="flags")
-    validate(cfg, resources=False)  # the caller checks the machine (validate)
-    return cfg
 
 
 # ----------------------------------------------------------------------------- validation

@@ -23,10 +23,8 @@ Legend: B micro-batch, S positions, V vocabulary, L MoE layers, D domains, E exp
 from __future__ import annotations
 
 import contextlib
-import datetime
 import math
 import os
-import random
 import time
 from typing import Any
 
@@ -41,105 +39,16 @@ from moe_testbed import logging as names
 from moe_testbed.config import RunConfig, save, validate
 from moe_testbed.model import MoETransformer, route_experts
 from moe_testbed.rundir import RunDir, atomic_write_json, last_values
+from moe_testbed.runtime import (
+    StatsWindow,
+    autocast_for,
+    init_dist,
+    lr_at,
+    make_optimizer,
+    pick_device,
+    seed_everything,
+)
 from moe_testbed.sources import RunData, build_data
-
-# ----------------------------------------------------------------------------- setup
-
-
-def _dist(timeout_s: float) -> tuple[int, int]:
-    """(rank, world) -- initialises the process group when launched by torchrun, with
-    collectives that give up after ``timeout_s`` seconds."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
-
-
-def _device(cfg: RunConfig, rank: int) -> torch.device:
-    if cfg.train.device != "auto":
-        return torch.device(cfg.train.device)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-        return torch.device("cuda", rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
-def _autocast(cfg: RunConfig, device: torch.device):
-    bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
-    if bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)  # same init on every rank; data differs by rank
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def lr_at(step: int, cfg: RunConfig) -> float:
-    """Multiplier of the peak lr after ``step`` optimizer steps: linear warmup, cosine decay."""
-    t = cfg.train
-    if step < t.warmup_steps:
-        return (step + 1) / t.warmup_steps
-    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
-    return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    # Weight decay on matrices only: norms and biases are not shrunk toward zero.
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    other = [p for p in params if p.dim() < 2]
-    t = cfg.train
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay}, {"params": other, "weight_decay": 0.0}],
-        lr=t.lr,
-        betas=(t.beta1, t.beta2),
-    )
-
-
-class StatsWindow:
-    """Routing counts read from the MoE layers, summed on the host between log steps.
-
-    ``drain`` moves the device accumulators here (reset); the window is part of the checkpoint
-    so a resumed run logs the same numbers.
-    """
-
-    KEYS = (
-        "requested_LDE",
-        "kept_LDE",
-        "weight_sum_LDE",
-        "entropy_sum_L",
-        "max_prob_sum_L",
-        "tokens_L",
-    )
-
-    def __init__(self, model: torch.nn.Module, enabled: bool, all_reduce: bool) -> None:
-        self.model, self.enabled, self.all_reduce = model, enabled, all_reduce
-        self.sums: dict[str, np.ndarray] = {}
-        self.bias_LE: np.ndarray | None = None
-
-    def read(self, all_reduce: bool | None = None) -> dict[str, np.ndarray]:
-        reduce = self.all_reduce if all_reduce is None else all_reduce
-        return stats.read(self.model, reset=True, all_reduce=reduce)
-
-    def drain(self) -> None:
-        if self.enabled:
-            self.add(self.read())
-
-    def add(self, r: dict[str, Any]) -> None:
-        for k in self.KEYS:
-            v = np.asarray(r[k], dtype=np.float64 if "sum" in k else np.int64)
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
-        if r.get("bias_LE") is not None:
-            self.bias_LE = np.asarray(r["bias_LE"], dtype=np.float32)
-
-    def take(self) -> dict[str, np.ndarray]:
-        out, self.sums = self.sums, {}
-        return out
-
 
 # ----------------------------------------------------------------------------- trainer
 
@@ -162,8 +71,8 @@ class Trainer:
         allow_config_change: bool = False,
     ) -> None:
         validate(cfg)  # every field, and what the run needs from this machine: before any work
-        self.cfg, self.rank, self.world = cfg, *_dist(cfg.train.dist_timeout)
-        self.device = _device(cfg, self.rank)
+        self.cfg, self.rank, self.world = cfg, *init_dist(cfg.train.dist_timeout)
+        self.device = pick_device(cfg, self.rank)
         self.run_dir = RunDir(out)
         self.run_lock = runstart.lock(self.run_dir) if self.rank == 0 else None
         try:
@@ -187,7 +96,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
-        _seed_everything(t.seed)
+        seed_everything(t.seed)
         self.data: RunData = build_data(cfg, self.rank, self.world)
         if cfg.model.vocab_size <= 0:  # validate() checked a given one against the tokenizer
             cfg.model.vocab_size = self.data.vocab_size
@@ -203,7 +112,7 @@ class Trainer:
             self.model = parallel.data_parallel(self.raw)  # DDP; sharded experts left out
         if t.compile:
             self.model = torch.compile(self.model)
-        self.optimizer = _optimizer(self.raw, cfg)
+        self.optimizer = make_optimizer(self.raw, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_at(s, cfg))
         if t.stats:
             stats.enable(self.raw, num_labels=len(self.data.domains))
@@ -290,7 +199,7 @@ class Trainer:
             sync = micro == t.grad_accum - 1 or self.world == 1
             ctx = contextlib.nullcontext() if sync else self.model.no_sync()
             with ctx:
-                with _autocast(self.cfg, self.device):
+                with autocast_for(self.cfg, self.device):
                     logits = self.model(inputs, labels)
                     ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
                     aux = aux_losses(self.raw)
@@ -381,7 +290,7 @@ class Trainer:
             total, n = 0.0, 0
             for tokens_BS1, labels_BS1 in self.data.val_batches(d):
                 tokens_BS1, labels_BS1 = tokens_BS1.to(self.device), labels_BS1.to(self.device)
-                with _autocast(self.cfg, self.device):
+                with autocast_for(self.cfg, self.device):
                     logits = self.raw(tokens_BS1[:, :-1], labels_BS1[:, :-1])
                 total += float(
                     F.cross_entropy(

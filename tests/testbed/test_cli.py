@@ -13,7 +13,8 @@ import yaml
 
 from moe_kernels import MoEConfig
 from moe_testbed import cli
-from moe_testbed.config import SECTIONS, RunConfig, load_file, resolve, save
+from moe_testbed.config import SECTIONS, RunConfig, save
+from moe_testbed.flags import load_file, resolve
 
 
 def _resolve(argv: list[str]) -> RunConfig:
