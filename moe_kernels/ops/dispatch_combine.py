@@ -296,7 +296,11 @@ def weight_grad_tensors(a_TD, b_ND, slot_row_TK, wdtype, backend=None):
     return _weight_grad_op(a_TD.contiguous(), b_ND.contiguous(), slot_row_TK, wdtype, chosen.name)
 
 
-def check_plan(plan, like: torch.Tensor) -> None:
+def check_plan(plan, like: torch.Tensor, name: str, tokens: int | None = None) -> None:
+    """``plan`` is a RoutingPlan on ``like``'s device; ``tokens``, the rows of ``name`` when they
+    are tokens (dispatch), must be the plan's token count. A plan that ``route`` built and nobody
+    modified since is valid by construction; any other plan has its tensors checked (dtypes and
+    shapes always, values on CPU), so the kernels never index outside ``x_TD`` or ``y_ND``."""
     if not isinstance(plan, RoutingPlan):
         raise TypeError(
             f"plan: expected a RoutingPlan from moe_kernels.route, got {type(plan).__name__}"
@@ -305,6 +309,25 @@ def check_plan(plan, like: torch.Tensor) -> None:
         raise ValueError(
             f"plan: expected plan tensors on {like.device}, got {plan.slot_row_TK.device}"
         )
+    if tokens is not None and tokens != plan.slot_row_TK.shape[0]:
+        raise ValueError(
+            f"{name}: expected {plan.slot_row_TK.shape[0]} rows (the tokens of plan), got {tokens}"
+        )
+    if not (S.is_marked_valid(plan.row_slot_N) and S.is_marked_valid(plan.slot_row_TK)):
+        check_plan_tensors(plan)
+
+
+def check_plan_tensors(plan: RoutingPlan) -> None:
+    """The row <-> slot maps of a plan not built by ``route`` (see :func:`check_plan`)."""
+    S.check_tensor("plan.slot_row_TK", plan.slot_row_TK, ndim=2, dtypes=(torch.int32,))
+    S.check_contiguous("plan.slot_row_TK", plan.slot_row_TK)
+    dev = plan.slot_row_TK.device
+    S.check_tensor("plan.row_slot_N", plan.row_slot_N, ndim=1, dtypes=(torch.int32,), device=dev)
+    S.check_contiguous("plan.row_slot_N", plan.row_slot_N)
+    slots, rows = plan.slot_row_TK.numel(), plan.row_slot_N.shape[0]
+    if S.reads_data(plan.row_slot_N):
+        S.check_int_range("plan.row_slot_N", plan.row_slot_N, -1, slots, "slots (-1 = padding)")
+        S.check_int_range("plan.slot_row_TK", plan.slot_row_TK, -1, rows, "rows (-1 = dropped)")
 
 
 def check_weights(weights_TK, plan, like):
@@ -326,11 +349,13 @@ def dispatch(
 
     Optionally scales each row by its gate weight (``weights_TK``, (T, K)). Differentiable in
     ``x_TD`` and ``weights_TK``. Raises TypeError/ValueError naming the argument for a wrong
-    dtype, rank, device, shape or a non-contiguous ``x_TD``.
+    dtype, rank, device, shape or a non-contiguous ``x_TD``, for an ``x_TD`` whose token count
+    is not the plan's, and for a plan not built by ``route`` whose tensors are malformed (their
+    values are read on CPU only; see :func:`check_plan`).
     """
     S.check_tensor("x_TD", x_TD, ndim=2, dtypes=S.FLOAT_DTYPES)
     S.check_contiguous("x_TD", x_TD)
-    check_plan(plan, x_TD)
+    check_plan(plan, x_TD, "x_TD", x_TD.shape[0])
     weights_TK = check_weights(weights_TK, plan, x_TD)
     return dispatch_tensors(x_TD, plan.row_slot_N, plan.slot_row_TK, weights_TK, backend)
 
@@ -346,11 +371,12 @@ def combine(
 
     ``weights_TK`` (T, K) are the gate weights (None = unit weights). Dropped slots contribute
     zero, so a fully dropped token gets a zero row (the layer adds its residual). Differentiable
-    in ``y_ND`` and ``weights_TK``. Raises TypeError/ValueError naming the argument.
+    in ``y_ND`` and ``weights_TK``. Raises TypeError/ValueError naming the argument, also for
+    ``y_ND`` rows other than ``plan.num_rows`` and a malformed plan (see :func:`check_plan`).
     """
     S.check_tensor("y_ND", y_ND, ndim=2, dtypes=S.FLOAT_DTYPES)
     S.check_contiguous("y_ND", y_ND)
-    check_plan(plan, y_ND)
+    check_plan(plan, y_ND, "y_ND")
     if y_ND.shape[0] != plan.num_rows:
         raise ValueError(
             f"y_ND: expected {plan.num_rows} rows (plan.num_rows), got {y_ND.shape[0]}"
