@@ -326,8 +326,8 @@ def check_plan_tensors(plan: RoutingPlan) -> None:
     S.check_contiguous("plan.row_slot_N", plan.row_slot_N)
     slots, rows = plan.slot_row_TK.numel(), plan.row_slot_N.shape[0]
     if S.reads_data(plan.row_slot_N):
-        S.check_int_range("plan.row_slot_N", plan.row_slot_N, -1, slots, "slots (-1 = padding)")
-        S.check_int_range("plan.slot_row_TK", plan.slot_row_TK, -1, rows, "rows (-1 = dropped)")
+        S.check_int_range("plan.row_slot_N", plan.row_slot_N, -1, slots, "slots", " (-1 = padding)")
+        S.check_int_range("plan.slot_row_TK", plan.slot_row_TK, -1, rows, "rows", " (-1 = dropped)")
 
 
 def check_weights(weights_TK, plan, like):
