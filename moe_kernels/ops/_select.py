@@ -307,7 +307,7 @@ _VALID = "_moe_kernels_valid_version"
 
 def reads_data(t: torch.Tensor) -> bool:
     """Whether a data check may read ``t``: a CPU tensor, outside torch.compile tracing."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+    return t.is_cpu and not torch.compiler.is_compiling()
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -326,7 +326,8 @@ def mark_valid(*tensors: torch.Tensor) -> None:
 def is_marked_valid(t: torch.Tensor) -> bool:
     """Whether ``t`` was marked by :func:`mark_valid` and not modified in place since."""
     v = getattr(t, _VALID, None)
-    return v is not None and v == _version(t)
+    # A marked tensor is no inference tensor (those are never marked), so it has a version.
+    return v is not None and v == t._version
 
 
 def check_int_range(
