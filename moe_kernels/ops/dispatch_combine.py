@@ -296,11 +296,18 @@ def weight_grad_tensors(a_TD, b_ND, slot_row_TK, wdtype, backend=None):
     return _weight_grad_op(a_TD.contiguous(), b_ND.contiguous(), slot_row_TK, wdtype, chosen.name)
 
 
-def check_plan(plan, like: torch.Tensor, name: str, tokens: int | None = None) -> None:
-    """``plan`` is a RoutingPlan on ``like``'s device; ``tokens``, the rows of ``name`` when they
-    are tokens (dispatch), must be the plan's token count. A plan that ``route`` built and nobody
-    modified since is valid by construction; any other plan has its tensors checked (dtypes and
-    shapes always, values on CPU), so the kernels never index outside ``x_TD`` or ``y_ND``."""
+def check_plan(
+    plan, like: torch.Tensor, name: str, tokens: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plan's ``(row_slot_N, slot_row_TK)``, safe for the kernels to index with.
+
+    ``plan`` must be a RoutingPlan on ``like``'s device; ``tokens``, the rows of ``name`` when
+    they are tokens (dispatch), must be the plan's token count. A plan that ``route`` built and
+    nobody modified since is valid by construction and returned as is. Any other plan has its
+    tensors checked: dtypes and shapes always, values on CPU (ValueError naming the entry); on
+    other devices, or while tracing, values cannot be read without a host synchronisation, so
+    out-of-range entries are replaced by -1 (a padding row, a dropped slot) on the device. The
+    kernels then never index outside ``x_TD`` or ``y_ND``."""
     if not isinstance(plan, RoutingPlan):
         raise TypeError(
             f"plan: expected a RoutingPlan from moe_kernels.route, got {type(plan).__name__}"
@@ -313,12 +320,21 @@ def check_plan(plan, like: torch.Tensor, name: str, tokens: int | None = None) -
         raise ValueError(
             f"{name}: expected {plan.slot_row_TK.shape[0]} rows (the tokens of plan), got {tokens}"
         )
-    if not (S.is_marked_valid(plan.row_slot_N) and S.is_marked_valid(plan.slot_row_TK)):
-        check_plan_tensors(plan)
+    row_slot, slot_row = plan.row_slot_N, plan.slot_row_TK
+    if S.is_marked_valid(row_slot) and S.is_marked_valid(slot_row):
+        return row_slot, slot_row
+    check_plan_tensors(plan)
+    if S.reads_data(row_slot):
+        return row_slot, slot_row
+    slots, rows = slot_row.numel(), row_slot.shape[0]
+    row_slot = torch.where((row_slot >= 0) & (row_slot < slots), row_slot, -1)
+    slot_row = torch.where((slot_row >= 0) & (slot_row < rows), slot_row, -1)
+    return row_slot, slot_row
 
 
 def check_plan_tensors(plan: RoutingPlan) -> None:
-    """The row <-> slot maps of a plan not built by ``route`` (see :func:`check_plan`)."""
+    """Dtypes, layout and (on CPU) values of the row <-> slot maps of a plan not built by
+    ``route`` (see :func:`check_plan`)."""
     S.check_tensor("plan.slot_row_TK", plan.slot_row_TK, ndim=2, dtypes=(torch.int32,))
     S.check_contiguous("plan.slot_row_TK", plan.slot_row_TK)
     dev = plan.slot_row_TK.device
@@ -355,9 +371,9 @@ def dispatch(
     """
     S.check_tensor("x_TD", x_TD, ndim=2, dtypes=S.FLOAT_DTYPES)
     S.check_contiguous("x_TD", x_TD)
-    check_plan(plan, x_TD, "x_TD", x_TD.shape[0])
+    row_slot, slot_row = check_plan(plan, x_TD, "x_TD", x_TD.shape[0])
     weights_TK = check_weights(weights_TK, plan, x_TD)
-    return dispatch_tensors(x_TD, plan.row_slot_N, plan.slot_row_TK, weights_TK, backend)
+    return dispatch_tensors(x_TD, row_slot, slot_row, weights_TK, backend)
 
 
 def combine(
@@ -376,10 +392,10 @@ def combine(
     """
     S.check_tensor("y_ND", y_ND, ndim=2, dtypes=S.FLOAT_DTYPES)
     S.check_contiguous("y_ND", y_ND)
-    check_plan(plan, y_ND, "y_ND")
+    row_slot, slot_row = check_plan(plan, y_ND, "y_ND")
     if y_ND.shape[0] != plan.num_rows:
         raise ValueError(
             f"y_ND: expected {plan.num_rows} rows (plan.num_rows), got {y_ND.shape[0]}"
         )
     weights_TK = check_weights(weights_TK, plan, y_ND)
-    return combine_tensors(y_ND, plan.row_slot_N, plan.slot_row_TK, weights_TK, backend)
+    return combine_tensors(y_ND, row_slot, slot_row, weights_TK, backend)

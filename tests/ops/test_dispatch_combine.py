@@ -284,3 +284,22 @@ def test_valid_hand_made_plan_and_in_place_change():
     plan.row_slot_N[0] = 99  # modified in place after route: checked again
     with pytest.raises(ValueError, match=r"plan.row_slot_N\[0\] = 99"):
         mk.dispatch(x, plan)
+
+
+def test_hand_made_plan_sanitised_where_values_cannot_be_read():
+    # The device path (no host read): out-of-range entries become -1 (padding row / dropped
+    # slot) instead of indexing outside x_TD or y_ND. Exercised on CPU through torch.compile's
+    # tracing, where values cannot be read either.
+    from moe_kernels.ops.dispatch_combine import check_plan
+
+    _, e = mk.topk_gating(torch.randn(6, 4), 2)
+    plan = mk.route(e, 4)
+    row_slot, slot_row = plan.row_slot_N.clone(), plan.slot_row_TK.clone()
+    row_slot[1], slot_row[0, 1] = 40, -7
+    bad = plan._replace(row_slot_N=row_slot, slot_row_TK=slot_row)
+    x = torch.randn(6, 8)
+    traced = torch.compile(lambda p: check_plan(p, x, "x_TD", 6), backend="eager", fullgraph=True)
+    rs, sr = traced(bad)
+    want_rs, want_sr = row_slot.clone(), slot_row.clone()
+    want_rs[1], want_sr[0, 1] = -1, -1
+    assert torch.equal(rs, want_rs) and torch.equal(sr, want_sr)
