@@ -307,7 +307,7 @@ def _local_plan(ids_R: torch.Tensor, L: int, backend, padded: bool) -> RoutingPl
         torch.where(real_N, p.row_token_N, -1),
     )
     # route's valid plan with entries set to -1: valid too, so the ops need not check it again
-    S.mark_valid(local.offsets_E1, local.row_slot_N, local.slot_row_TK, local.row_token_N)
+    S.mark_valid(local.offsets_E1, local.row_slot_N, local.slot_row_TK)
     return local
 
 

@@ -310,17 +310,14 @@ def reads_data(t: torch.Tensor) -> bool:
     return t.is_cpu and not torch.compiler.is_compiling()
 
 
-def _version(t: torch.Tensor) -> int | None:
-    # Inference tensors have no version counter, so they can never be proven unmodified.
-    return None if t.is_inference() else t._version
-
-
 def mark_valid(*tensors: torch.Tensor) -> None:
-    """Mark tensors this package just produced valid (see :func:`is_marked_valid`)."""
+    """Mark tensors this package just produced valid (see :func:`is_marked_valid`). Inference
+    tensors have no version counter, so they can never be proven unmodified: never marked."""
     if torch.compiler.is_compiling():
         return
     for t in tensors:
-        setattr(t, _VALID, _version(t))
+        if not t.is_inference():
+            setattr(t, _VALID, t._version)
 
 
 def is_marked_valid(t: torch.Tensor) -> bool:

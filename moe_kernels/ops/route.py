@@ -296,7 +296,7 @@ def route(
     K = experts.shape[1]
     row_token = torch.where(row_slot >= 0, torch.div(row_slot, K, rounding_mode="floor"), -1)
     plan = RoutingPlan(counts, kept, offsets, row_slot, slot_row, row_token.to(torch.int32))
-    S.mark_valid(plan.offsets_E1, plan.row_slot_N, plan.slot_row_TK, plan.row_token_N)
+    S.mark_valid(plan.offsets_E1, plan.row_slot_N, plan.slot_row_TK)  # what ops check
     return plan
 
 

@@ -303,3 +303,16 @@ def test_hand_made_plan_sanitised_where_values_cannot_be_read():
     want_rs, want_sr = row_slot.clone(), slot_row.clone()
     want_rs[1], want_sr[0, 1] = -1, -1
     assert torch.equal(rs, want_rs) and torch.equal(sr, want_sr)
+
+
+def test_inference_mode_plan_is_always_checked():
+    # Inference tensors have no version counter: an in-place change could not be seen, so their
+    # plans are never trusted, and a change is caught by the check.
+    with torch.inference_mode():
+        _, e = mk.topk_gating(torch.randn(6, 4), 2)
+        plan = mk.route(e, 4)
+        x = torch.randn(6, 8)
+        assert torch.equal(mk.dispatch(x, plan), dispatch_reference(x, plan.row_slot_N, 2))
+        plan.row_slot_N[2] = 77
+        with pytest.raises(ValueError, match=r"plan.row_slot_N\[2\] = 77"):
+            mk.dispatch(x, plan)
