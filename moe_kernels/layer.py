@@ -39,6 +39,7 @@ from moe_kernels import parallel
 from moe_kernels.config import MoEConfig
 from moe_kernels.experts import GroupedExperts, SharedExperts
 from moe_kernels.ops import RoutingPlan
+from moe_kernels.ops.topk_gating import NON_FINITE_LOGITS
 from moe_kernels.routers import Router, RouterDecision
 from moe_kernels.stats import RoutingStats
 
@@ -249,6 +250,16 @@ class MoE(nn.Module):
             raise TypeError(f"{name}: expected an integer tensor, got {t.dtype}")
         return t.reshape(-1)
 
+    def _check_devices(self, x, labels_T, token_ids_T) -> None:
+        """ValueError naming the argument on another device than the layer's parameters."""
+        dev = self.device
+        for name, t in (("x", x), ("labels", labels_T), ("token_ids", token_ids_T)):
+            if t is not None and t.device != dev:
+                raise ValueError(
+                    f"{name}: expected a tensor on {dev} (the device of the layer's "
+                    f"parameters), got {t.device}"
+                )
+
     def _plan(self, dec: RouterDecision, T: int) -> RoutingPlan:
         """The routing plan of ``dec`` under the router's capacity rule (T tokens)."""
         cfg = self.config
@@ -286,7 +297,8 @@ class MoE(nn.Module):
                 the reference router; used by statistics).
             token_ids: integer token ids shaped like ``x[..., 0]`` (required by the hash router).
 
-        Raises ValueError naming ``x``, ``labels`` or ``token_ids`` for missing or misshapen input.
+        Raises ValueError naming ``x``, ``labels`` or ``token_ids`` for missing or misshapen input,
+        input on another device than the parameters, and (on CPU) NaN or inf router logits.
         """
         lead = x.shape[:-1] if isinstance(x, torch.Tensor) else None
         labels_T = self._flat("labels", labels, lead) if lead is not None else None
@@ -294,13 +306,25 @@ class MoE(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.d_model:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x: expected shape (..., {self.d_model}), got {shape}")
+        self._check_devices(x, labels_T, token_ids_T)
         if not self.follows_shared_router:  # a follower needs nothing of its own
             self.router.check_inputs(x, labels_T, token_ids_T)
         cfg = self.config
         x_TD = x.reshape(-1, self.d_model)
-        dec = self.router(
-            x, labels_T=labels_T, token_ids_T=token_ids_T, bias_E=self.bias_E, backend=self.backend
-        )
+        try:
+            dec = self.router(
+                x,
+                labels_T=labels_T,
+                token_ids_T=token_ids_T,
+                bias_E=self.bias_E,
+                backend=self.backend,
+            )
+        except ValueError as e:  # name the layer's argument, not the op's internal one
+            if not str(e).startswith(NON_FINITE_LOGITS):
+                raise
+            raise ValueError(
+                str(e).replace("logits_TE:", "x:", 1) + " (its router logits are not finite)"
+            ) from e
         plan = self._plan(dec, x_TD.shape[0])
         if self.ep is None:
             out = self.experts(x_TD, plan, dec.weights_TK)

@@ -77,6 +77,7 @@ from torch import nn
 
 from moe_kernels.experts import GroupedExperts, compute_dtype
 from moe_kernels.ops import RoutingPlan, combine, dispatch, route
+from moe_kernels.ops import _select as S
 from moe_kernels.peers import PeerFailure, Peers
 
 __all__ = [
@@ -212,7 +213,7 @@ def _local_plan(ids_R: torch.Tensor, L: int, backend, padded: bool) -> RoutingPl
         return route(ids, L, backend=backend)
     p = route(ids, L + 1, backend=backend)
     real_N = torch.arange(p.num_rows, device=ids.device) < p.offsets_E1[L]
-    return RoutingPlan(
+    local = RoutingPlan(
         p.counts_E[:L],
         p.kept_E[:L],
         p.offsets_E1[: L + 1],
@@ -220,6 +221,9 @@ def _local_plan(ids_R: torch.Tensor, L: int, backend, padded: bool) -> RoutingPl
         torch.where(ids < L, p.slot_row_TK, -1),
         torch.where(real_N, p.row_token_N, -1),
     )
+    # route's valid plan with entries set to -1: valid too, so the ops need not check it again
+    S.mark_valid(local.offsets_E1, local.row_slot_N, local.slot_row_TK)
+    return local
 
 
 def _uneven(experts, x_ND, plan, recv_PL, ep) -> torch.Tensor:

@@ -208,3 +208,26 @@ def test_expert_weights_live_in_grouped_experts_and_old_keys_load():
     b.load_state_dict(old)
     x = torch.randn(6, D)
     torch.testing.assert_close(b(x), a(x))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_names_x(bad):
+    # The op's error named its internal argument (logits_TE); the layer names its own.
+    x = torch.randn(3, D)
+    x[1, 2] = bad
+    with pytest.raises(
+        ValueError, match=r"^x: expected finite values, found NaN or inf in token 1"
+    ):
+        MoE(D, FF, 4, 2)(x)
+
+
+@pytest.mark.parametrize("name", ["x", "labels", "token_ids"])
+def test_input_on_another_device_names_it(name):
+    # "meta" stands for any other device: it used to fail with "unsupported scalarType".
+    inputs = {"x": torch.randn(3, D), "labels": torch.zeros(3, dtype=torch.long)}
+    inputs["token_ids"] = torch.arange(3)
+    inputs[name] = inputs[name].to("meta")
+    m = MoE(D, FF, 4, 2, router="hash")
+    x = inputs.pop("x")
+    with pytest.raises(ValueError, match=rf"^{name}: expected a tensor on cpu .*, got meta"):
+        m(x, **inputs)

@@ -195,3 +195,22 @@ def test_shared_experts_add_a_dense_path():
     x, _, _ = inputs()
     x = x.detach()
     torch.testing.assert_close(m(x) - plain(x), m.shared(x.reshape(-1, D)).reshape(x.shape))
+
+
+# Only -1 means "skip" (padding); other negative labels or token ids are errors, not domain 0.
+@pytest.mark.parametrize(
+    "router,kw,match",
+    [
+        (
+            "reference",
+            {"labels": [[0, -3, 1]]},
+            r"labels: expected domain labels in \[-1, 2\), found -3",
+        ),
+        ("hash", {"token_ids": [[0, -2, 1]]}, r"token_ids: expected ids >= 0, found -2"),
+    ],
+)
+def test_negative_labels_and_token_ids_raise(router, kw, match):
+    m = make(router)
+    x = torch.randn(1, 3, D)
+    with pytest.raises(ValueError, match=match):
+        m(x, **{k: torch.tensor(v) for k, v in kw.items()})

@@ -25,24 +25,29 @@ void routing_histogram(const int32_t* experts, const int64_t* labels, const floa
     float* ww = weights ? w.data() + ch * GE : nullptr;
     for (int64_t t = ch * kChunk; t < std::min(T, (ch + 1) * kChunk); ++t) {
       const int64_t g = labels[t];
-      if (g >= G) bad_label = std::max(bad_label, t);
-      if (g < 0 || g >= G) continue;
+      if (g < -1 || g >= G) bad_label = std::max(bad_label, t);
+      const bool skip = g < 0 || g >= G;  // ids of skipped tokens are checked all the same
       for (int64_t k = 0; k < K; ++k) {
         const int32_t e = experts[t * K + k];
-        if (e >= E) bad_expert = std::max(bad_expert, t);
-        if (e < 0 || e >= E) continue;
+        if (e < -1 || e >= E) bad_expert = std::max(bad_expert, t * K + k);
+        if (skip || e < 0 || e >= E) continue;
         ++cc[g * E + e];
         if (ww) ww[g * E + e] += weights[t * K + k];
       }
     }
   }
+  // Reported: the last bad entry (a max-reduction keeps the result independent of threads).
   if (bad_label >= 0)
-    throw std::invalid_argument("labels_T: expected labels < " + std::to_string(G) +
-                                " (rows of out_GE), found " + std::to_string(labels[bad_label]) +
-                                " at token " + std::to_string(bad_label));
+    throw std::invalid_argument("labels_T: expected labels in [-1, " + std::to_string(G) +
+                                ") (-1 = skip; rows of out_GE), got labels_T[" +
+                                std::to_string(bad_label) + "] = " +
+                                std::to_string(labels[bad_label]));
   if (bad_expert >= 0)
-    throw std::invalid_argument("experts_TK: expected expert ids < " + std::to_string(E) +
-                                " (columns of out_GE) at token " + std::to_string(bad_expert));
+    throw std::invalid_argument("experts_TK: expected expert ids in [-1, " + std::to_string(E) +
+                                ") (-1 = skip; columns of out_GE), got experts_TK[" +
+                                std::to_string(bad_expert / K) + ", " +
+                                std::to_string(bad_expert % K) + "] = " +
+                                std::to_string(experts[bad_expert]));
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < GE; ++i) {
     int64_t ci = 0;

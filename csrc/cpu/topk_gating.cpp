@@ -94,6 +94,10 @@ int64_t topk_gating_impl(const T* logits, int64_t T_, int64_t E, int64_t K, int 
 
 void topk_gating(const void* logits, int dtype, int64_t T, int64_t E, int64_t K, int score,
                  const float* bias, bool normalize, void* weights, int32_t* experts) {
+  for (int64_t e = 0; bias != nullptr && e < E; ++e)
+    if (!std::isfinite(bias[e]))
+      throw std::invalid_argument("bias_E: expected finite values, got bias_E[" +
+                                  std::to_string(e) + "] = " + std::to_string(bias[e]));
   int64_t bad = T;
   dispatch_float(dtype, "logits_TE", [&](auto tag) {
     using S = decltype(tag);

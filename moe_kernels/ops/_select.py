@@ -29,6 +29,7 @@ op modules and the Triton backends (``moe_kernels.triton.families``) import it.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -291,3 +292,82 @@ def ptr(t: torch.Tensor | None) -> int:
 def weight_dtype_for(dtype: torch.dtype) -> torch.dtype:
     """Gate weights are fp32, or fp64 alongside fp64 activations (gradcheck)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- data checks (they read tensor values: CPU tensors only, never while tracing) -------------
+#
+# An op reads the values of an argument only where that costs no device synchronisation (a CPU
+# tensor) and no graph break (outside torch.compile tracing); each op's docstring says what its
+# CUDA path does instead. Tensors an op of this package produced valid (a RoutingPlan built by
+# ``route``) carry a mark with their version counter, so a later op skips the read unless they
+# were modified in place since.
+
+_VALID = "_moe_kernels_valid_version"
+
+
+def reads_data(t: torch.Tensor) -> bool:
+    """Whether a data check may read ``t``: a CPU tensor, outside torch.compile tracing."""
+    return t.is_cpu and not torch.compiler.is_compiling()
+
+
+def mark_valid(*tensors: torch.Tensor) -> None:
+    """Mark tensors this package just produced valid (see :func:`is_marked_valid`). Inference
+    tensors have no version counter, so they can never be proven unmodified: never marked."""
+    if torch.compiler.is_compiling():
+        return
+    for t in tensors:
+        if not t.is_inference():
+            setattr(t, _VALID, t._version)
+
+
+def is_marked_valid(t: torch.Tensor) -> bool:
+    """Whether ``t`` was marked by :func:`mark_valid` and not modified in place since."""
+    v = getattr(t, _VALID, None)
+    # A marked tensor is no inference tensor (those are never marked), so it has a version.
+    return v is not None and v == t._version
+
+
+def check_int_range(
+    name: str, t: torch.Tensor, lo: int, hi: int, what: str, note: str = ""
+) -> None:
+    """ValueError naming ``name`` unless every value of the integer tensor ``t`` is in
+    ``[lo, hi)``: one min/max pass, then a search for the first bad value only on failure.
+    The message reads "{name}: expected {what} in [lo, hi){note}, got {name}[i] = value"."""
+    if t.numel() == 0:
+        return
+    mn, mx = (int(v) for v in torch.aminmax(t))
+    if lo <= mn and mx < hi:
+        return
+    bad_value = mn if mn < lo else mx
+    at = [int(i) for i in (t == bad_value).nonzero()[0]]
+    where = f"{name}[{', '.join(map(str, at))}]"
+    raise ValueError(f"{name}: expected {what} in [{lo}, {hi}){note}, got {where} = {bad_value}")
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """ValueError naming ``name`` and the first NaN or inf of the float tensor ``t``."""
+    ok = torch.isfinite(t)
+    if bool(ok.all()):
+        return
+    at = [int(i) for i in (~ok).nonzero()[0]]
+    where = f"{name}[{', '.join(map(str, at))}]"
+    raise ValueError(f"{name}: expected finite values, got {where} = {t[tuple(at)].item()}")
+
+
+def check_offsets(name: str, offsets: list[int], n: int, rows: str) -> None:
+    """ValueError naming ``name`` unless ``offsets`` starts at 0, never decreases and ends at
+    most at ``n`` (the rows of ``rows``)."""
+    if offsets[0] == 0 and offsets[-1] <= n and all(map(operator.le, offsets, offsets[1:])):
+        return
+    if offsets[0] != 0:
+        raise ValueError(f"{name}: expected {name}[0] = 0, got {offsets[0]}")
+    for i in range(1, len(offsets)):
+        if offsets[i] < offsets[i - 1]:
+            raise ValueError(
+                f"{name}: expected non-decreasing offsets, got {name}[{i}] = {offsets[i]} < "
+                f"{name}[{i - 1}] = {offsets[i - 1]}"
+            )
+    raise ValueError(
+        f"{name}: expected offsets <= {n} (the rows of {rows}), got "
+        f"{name}[{len(offsets) - 1}] = {offsets[-1]}"
+    )

@@ -296,7 +296,18 @@ def weight_grad_tensors(a_TD, b_ND, slot_row_TK, wdtype, backend=None):
     return _weight_grad_op(a_TD.contiguous(), b_ND.contiguous(), slot_row_TK, wdtype, chosen.name)
 
 
-def check_plan(plan, like: torch.Tensor) -> None:
+def check_plan(
+    plan, like: torch.Tensor, name: str, tokens: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plan's ``(row_slot_N, slot_row_TK)``, safe for the kernels to index with.
+
+    ``plan`` must be a RoutingPlan on ``like``'s device; ``tokens``, the rows of ``name`` when
+    they are tokens (dispatch), must be the plan's token count. A plan that ``route`` built and
+    nobody modified since is valid by construction and returned as is. Any other plan has its
+    tensors checked: dtypes and shapes always, values on CPU (ValueError naming the entry); on
+    other devices, or while tracing, values cannot be read without a host synchronisation, so
+    out-of-range entries are replaced by -1 (a padding row, a dropped slot) on the device. The
+    kernels then never index outside ``x_TD`` or ``y_ND``."""
     if not isinstance(plan, RoutingPlan):
         raise TypeError(
             f"plan: expected a RoutingPlan from moe_kernels.route, got {type(plan).__name__}"
@@ -305,6 +316,34 @@ def check_plan(plan, like: torch.Tensor) -> None:
         raise ValueError(
             f"plan: expected plan tensors on {like.device}, got {plan.slot_row_TK.device}"
         )
+    if tokens is not None and tokens != plan.slot_row_TK.shape[0]:
+        raise ValueError(
+            f"{name}: expected {plan.slot_row_TK.shape[0]} rows (the tokens of plan), got {tokens}"
+        )
+    row_slot, slot_row = plan.row_slot_N, plan.slot_row_TK
+    if S.is_marked_valid(row_slot) and S.is_marked_valid(slot_row):
+        return row_slot, slot_row
+    check_plan_tensors(plan)
+    if S.reads_data(row_slot):
+        return row_slot, slot_row
+    slots, rows = slot_row.numel(), row_slot.shape[0]
+    row_slot = torch.where((row_slot >= 0) & (row_slot < slots), row_slot, -1)
+    slot_row = torch.where((slot_row >= 0) & (slot_row < rows), slot_row, -1)
+    return row_slot, slot_row
+
+
+def check_plan_tensors(plan: RoutingPlan) -> None:
+    """Dtypes, layout and (on CPU) values of the row <-> slot maps of a plan not built by
+    ``route`` (see :func:`check_plan`)."""
+    S.check_tensor("plan.slot_row_TK", plan.slot_row_TK, ndim=2, dtypes=(torch.int32,))
+    S.check_contiguous("plan.slot_row_TK", plan.slot_row_TK)
+    dev = plan.slot_row_TK.device
+    S.check_tensor("plan.row_slot_N", plan.row_slot_N, ndim=1, dtypes=(torch.int32,), device=dev)
+    S.check_contiguous("plan.row_slot_N", plan.row_slot_N)
+    slots, rows = plan.slot_row_TK.numel(), plan.row_slot_N.shape[0]
+    if S.reads_data(plan.row_slot_N):
+        S.check_int_range("plan.row_slot_N", plan.row_slot_N, -1, slots, "slots", " (-1 = padding)")
+        S.check_int_range("plan.slot_row_TK", plan.slot_row_TK, -1, rows, "rows", " (-1 = dropped)")
 
 
 def check_weights(weights_TK, plan, like):
@@ -326,13 +365,15 @@ def dispatch(
 
     Optionally scales each row by its gate weight (``weights_TK``, (T, K)). Differentiable in
     ``x_TD`` and ``weights_TK``. Raises TypeError/ValueError naming the argument for a wrong
-    dtype, rank, device, shape or a non-contiguous ``x_TD``.
+    dtype, rank, device, shape or a non-contiguous ``x_TD``, for an ``x_TD`` whose token count
+    is not the plan's, and for a plan not built by ``route`` whose tensors are malformed (their
+    values are read on CPU only; see :func:`check_plan`).
     """
     S.check_tensor("x_TD", x_TD, ndim=2, dtypes=S.FLOAT_DTYPES)
     S.check_contiguous("x_TD", x_TD)
-    check_plan(plan, x_TD)
+    row_slot, slot_row = check_plan(plan, x_TD, "x_TD", x_TD.shape[0])
     weights_TK = check_weights(weights_TK, plan, x_TD)
-    return dispatch_tensors(x_TD, plan.row_slot_N, plan.slot_row_TK, weights_TK, backend)
+    return dispatch_tensors(x_TD, row_slot, slot_row, weights_TK, backend)
 
 
 def combine(
@@ -346,14 +387,15 @@ def combine(
 
     ``weights_TK`` (T, K) are the gate weights (None = unit weights). Dropped slots contribute
     zero, so a fully dropped token gets a zero row (the layer adds its residual). Differentiable
-    in ``y_ND`` and ``weights_TK``. Raises TypeError/ValueError naming the argument.
+    in ``y_ND`` and ``weights_TK``. Raises TypeError/ValueError naming the argument, also for
+    ``y_ND`` rows other than ``plan.num_rows`` and a malformed plan (see :func:`check_plan`).
     """
     S.check_tensor("y_ND", y_ND, ndim=2, dtypes=S.FLOAT_DTYPES)
     S.check_contiguous("y_ND", y_ND)
-    check_plan(plan, y_ND)
+    row_slot, slot_row = check_plan(plan, y_ND, "y_ND")
     if y_ND.shape[0] != plan.num_rows:
         raise ValueError(
             f"y_ND: expected {plan.num_rows} rows (plan.num_rows), got {y_ND.shape[0]}"
         )
     weights_TK = check_weights(weights_TK, plan, y_ND)
-    return combine_tensors(y_ND, plan.row_slot_N, plan.slot_row_TK, weights_TK, backend)
+    return combine_tensors(y_ND, row_slot, slot_row, weights_TK, backend)

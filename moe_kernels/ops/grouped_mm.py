@@ -328,7 +328,13 @@ def grouped_mm(
             ``offsets_E1[E] <= N`` (``RoutingPlan.offsets_E1``).
 
     Returns: (N, F); rows past ``offsets_E1[E]`` are zero. Differentiable in x and w.
-    Raises: TypeError/ValueError naming the argument for dtype, rank, device or shape mismatches.
+    Raises: TypeError/ValueError naming the argument for dtype, rank, device or shape mismatches,
+    and on CPU for offsets that do not start at 0, decrease or exceed N (the offsets of a plan
+    that ``route`` built, unmodified, are valid by construction and not read again). The CUDA
+    and Triton kernels read the offsets on the device only, so they cannot raise without a host
+    synchronisation: they clamp every offset into [0, N] and treat a group whose end precedes
+    its start as empty; they never read or write outside ``x_ND``, ``w_EDF`` or the output, but
+    such offsets give a result no valid offsets give.
     """
     S.check_tensor("x_ND", x_ND, ndim=2, dtypes=S.FLOAT_DTYPES)
     S.check_tensor("w_EDF", w_EDF, ndim=3, dtypes=(x_ND.dtype,), device=x_ND.device)
@@ -341,5 +347,7 @@ def grouped_mm(
             f"got {tuple(w_EDF.shape)}"
         )
     S.check_shape("offsets_E1", offsets_E1, (w_EDF.shape[0] + 1,))
+    if S.reads_data(offsets_E1) and not S.is_marked_valid(offsets_E1):
+        S.check_offsets("offsets_E1", offsets_E1.tolist(), x_ND.shape[0], "x_ND")
     chosen = S.select("grouped_mm", BACKENDS, backend, x=x_ND, w=w_EDF)
     return _grouped_mm_op(x_ND, w_EDF, offsets_E1, chosen.name)

@@ -8,6 +8,9 @@ expert are contiguous and in token order; rows past ``offsets_E1[E]`` are paddin
 Out-of-range expert ids: the reference and CPU backends raise a ValueError. The CUDA backend
 cannot without a host synchronisation, so it skips them: such a slot is not counted in
 ``counts_E``, gets no row (``slot_row_TK = -1``, like a dropped slot) and shifts nothing else.
+int64 ids outside int32 never wrap into range: on CPU ``route`` raises for them before the cast
+to int32, on CUDA it clamps them into [-1, E] first (one elementwise pass, int64 input only), so
+they are skipped like any other out-of-range id.
 The CUDA ``topk_gating`` flags tokens with non-finite logits with ids -1, which are skipped so.
 """
 
@@ -282,7 +285,7 @@ def route(
         weights_TK = weights_TK.contiguous()
     if drop == "score" and capacity is not None and weights_TK is None:
         raise ValueError('weights_TK: required with drop="score" and a capacity, got None')
-    experts = experts_TK.to(torch.int32).contiguous()
+    experts = _int32_ids(experts_TK, num_experts)
     chosen = S.select(
         "route", BACKENDS, backend, experts=experts, weights=weights_TK, num_experts=num_experts
     )
@@ -292,4 +295,18 @@ def route(
     )
     K = experts.shape[1]
     row_token = torch.where(row_slot >= 0, torch.div(row_slot, K, rounding_mode="floor"), -1)
-    return RoutingPlan(counts, kept, offsets, row_slot, slot_row, row_token.to(torch.int32))
+    plan = RoutingPlan(counts, kept, offsets, row_slot, slot_row, row_token.to(torch.int32))
+    S.mark_valid(plan.offsets_E1, plan.row_slot_N, plan.slot_row_TK)  # what ops check
+    return plan
+
+
+def _int32_ids(experts_TK: torch.Tensor, E: int) -> torch.Tensor:
+    """The ids as the contiguous int32 tensor the kernels read. int64 ids are range-checked
+    before the cast so that none wraps into [0, E): on CPU (ValueError), or on other devices
+    clamped into [-1, E], out of range either way, so the backends skip them as any other."""
+    if experts_TK.dtype == torch.int64:
+        if S.reads_data(experts_TK):
+            S.check_int_range("experts_TK", experts_TK, 0, E, "expert ids")
+        else:
+            experts_TK = experts_TK.clamp(-1, E)
+    return experts_TK.to(torch.int32).contiguous()

@@ -1,9 +1,15 @@
 """Routing histogram: label x expert counts (and gate-weight sums), accumulated in place.
 
 Legend: T tokens, K top-k, G label groups (domains), E experts. ``out_GE[labels[t],
-experts[t, k]] += 1`` and ``out_w_GE[...] += weights[t, k]``; entries with a negative label or
-expert id (padding, dropped slots) are skipped. Accumulates across calls and layers without a
+experts[t, k]] += 1`` and ``out_w_GE[...] += weights[t, k]``; entries with label -1 (padding)
+or expert id -1 (a dropped slot) are skipped. Accumulates across calls and layers without a
 host synchronisation, so statistics can be collected at full training speed.
+
+Any other label outside [0, G) or id outside [0, E): the reference and CPU backends raise a
+ValueError naming the argument, the entry and its value (the CPU kernel notes it in its counting
+loop, at no extra pass). The CUDA and Triton backends cannot without a host synchronisation, so
+they skip such entries like -1. int64 expert ids are cast to int32 for the kernels; on CPU they
+are range-checked first, elsewhere clamped into [-1, E] (skipped) so that none wraps into range.
 """
 
 from __future__ import annotations
@@ -19,18 +25,9 @@ def routing_histogram_reference(experts_TK, labels_T, out_GE, weights_TK=None, o
     K = experts_TK.shape[1]
     lab = labels_T.long().unsqueeze(1).expand(-1, K).reshape(-1)
     ex = experts_TK.long().reshape(-1)
-    if lab.numel():
-        if bool((lab >= G).any()):
-            t = int((lab >= G).nonzero()[0, 0]) // K
-            raise ValueError(
-                f"labels_T: expected labels < {G} (rows of out_GE), "
-                f"found {int(labels_T[t])} at token {t}"
-            )
-        if bool((ex >= E).any()):
-            t = int((ex >= E).nonzero()[0, 0]) // K
-            raise ValueError(
-                f"experts_TK: expected expert ids < {E} (columns of out_GE) at token {t}"
-            )
+    S.check_int_range("labels_T", labels_T, -1, G, "labels", " (-1 = skip; rows of out_GE)")
+    note = " (-1 = skip; columns of out_GE)"
+    S.check_int_range("experts_TK", experts_TK, -1, E, "expert ids", note)
     valid = (lab >= 0) & (ex >= 0)
     idx = (lab * E + ex)[valid]
     out_GE.view(-1).index_add_(0, idx, torch.ones_like(idx))
@@ -123,13 +120,14 @@ def routing_histogram(
     """Accumulate routing counts by label into ``out_GE`` (and weight sums into ``out_w_GE``).
 
     Args:
-        experts_TK: (T, K) int32/int64 expert ids; -1 = skip (a dropped slot).
+        experts_TK: (T, K) int32/int64 expert ids in [-1, E); -1 = skip (a dropped slot).
         labels_T: (T,) int64/int32 labels in [-1, G); -1 = skip (padding).
         out_GE: (G, E) int64, contiguous, updated in place.
         weights_TK: optional (T, K) float gate weights; requires ``out_w_GE``.
         out_w_GE: (G, E) float32, contiguous, updated in place.
 
-    Raises: TypeError/ValueError naming the argument (dtype, shape, device, ids >= E, labels >= G).
+    Raises: TypeError/ValueError naming the argument (dtype, shape, device; on CPU ids and
+    labels outside [-1, E) / [-1, G), see the module docstring for the CUDA path).
     """
     S.check_tensor("experts_TK", experts_TK, ndim=2, dtypes=(torch.int32, torch.int64))
     dev = experts_TK.device
@@ -150,7 +148,14 @@ def routing_histogram(
         S.check_shape("out_w_GE", out_w_GE, tuple(out_GE.shape))
         S.check_contiguous("out_w_GE", out_w_GE)
         weights_TK = weights_TK.detach().float().contiguous()
-    experts = experts_TK.detach().to(torch.int32).contiguous()
+    experts = experts_TK.detach()
+    if experts.dtype == torch.int64:  # never wrap into [0, E) on the cast to int32
+        if S.reads_data(experts):
+            note = " (-1 = skip; columns of out_GE)"
+            S.check_int_range("experts_TK", experts, -1, out_GE.shape[1], "expert ids", note)
+        else:
+            experts = experts.clamp(-1, out_GE.shape[1])
+    experts = experts.to(torch.int32).contiguous()
     labels = labels_T.detach().to(torch.int64).contiguous()
     chosen = S.select("routing_histogram", BACKENDS, backend, experts=experts, out=out_GE)
     _routing_histogram_op(experts, labels, out_GE, weights_TK, out_w_GE, chosen.name)

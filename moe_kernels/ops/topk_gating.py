@@ -8,6 +8,9 @@ the weights are differentiable in the logits.
 Non-finite logits: the reference and CPU backends raise a ValueError. The CUDA backend cannot
 without a host synchronisation, so it flags the token instead: its weights are NaN, its expert
 ids -1 (which the CUDA ``route`` skips: dropped slots) and its logit gradients NaN.
+
+Non-finite ``bias_E``: the reference and CPU backends raise a ValueError naming ``bias_E``; the
+CUDA and Triton backends flag every token as above (weights NaN, ids -1), decided on the device.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from moe_kernels.ops import _select as S
 from moe_kernels.triton import families
 
 SCORES = ("softmax", "sigmoid")
+# How the reference and CPU backends' error for NaN or inf logits starts (csrc/cpu/topk_gating.cpp).
+NON_FINITE_LOGITS = "logits_TE: expected finite values"
 
 
 def router_scores(logits_TE: torch.Tensor, score: str) -> torch.Tensor:
@@ -31,9 +36,11 @@ def topk_gating_reference(logits_TE, k, score="softmax", bias_E=None, normalize=
     are monotonic in them), so exact ties resolve identically in every backend."""
     acc = S.weight_dtype_for(logits_TE.dtype)
     z = logits_TE.to(acc)
+    if bias_E is not None:
+        S.check_finite("bias_E", bias_E)
     if z.numel() and not bool(torch.isfinite(z).all()):
         bad = int((~torch.isfinite(z)).any(-1).nonzero()[0, 0])
-        raise ValueError(f"logits_TE: expected finite values, found NaN or inf in token {bad}")
+        raise ValueError(f"{NON_FINITE_LOGITS}, found NaN or inf in token {bad}")
     s = router_scores(z, score)
     sel = z if bias_E is None else s + bias_E.to(acc)
     experts = torch.sort(sel, dim=-1, descending=True, stable=True).indices[:, :k]
@@ -265,9 +272,11 @@ def topk_gating(
 
     Raises:
         TypeError / ValueError naming the argument: wrong type, dtype, rank, device, shape,
-        k out of range, unknown score, NaN or inf logits, non-contiguous logits. The CUDA backend
-        does not raise on NaN or inf logits (that would need a host synchronisation): it returns
-        NaN weights and expert ids -1 for those tokens (see the module docstring).
+        k out of range, unknown score, NaN or inf logits or ``bias_E``, non-contiguous logits.
+        The CUDA backend does not raise on NaN or inf logits (that would need a host
+        synchronisation): it returns NaN weights and expert ids -1 for those tokens (see the
+        module docstring); for a NaN or inf in ``bias_E`` (ValueError on CPU) it flags every
+        token so.
     """
     S.check_tensor("logits_TE", logits_TE, ndim=2, dtypes=S.FLOAT_DTYPES)
     S.check_contiguous("logits_TE", logits_TE)
@@ -283,4 +292,18 @@ def topk_gating(
         S.check_shape("bias_E", bias_E, (E,))
         bias_E = bias_E.detach().to(torch.float32).contiguous()
     chosen = S.select("topk_gating", BACKENDS, backend, logits=logits_TE, bias=bias_E, k=k)
-    return _topk_gating_op(logits_TE, k, score, bias_E, bool(normalize), chosen.name)
+    weights_TK, experts_TK = _topk_gating_op(
+        logits_TE, k, score, bias_E, bool(normalize), chosen.name
+    )
+    if bias_E is not None and chosen.name not in ("cpu", "reference"):
+        weights_TK, experts_TK = _flag_all_if_not_finite(bias_E, weights_TK, experts_TK)
+    return weights_TK, experts_TK
+
+
+def _flag_all_if_not_finite(bias_E, weights_TK, experts_TK):
+    """Every token flagged (weights NaN, ids -1) when ``bias_E`` holds a NaN or inf: the CUDA
+    and Triton backends' stand-in for the ValueError of the others, computed on the device (no
+    host synchronisation; three small kernels, only with a bias)."""
+    ok = torch.isfinite(bias_E).all()
+    nan = torch.full((), float("nan"), dtype=weights_TK.dtype, device=weights_TK.device)
+    return torch.where(ok, weights_TK, nan), torch.where(ok, experts_TK, -1)

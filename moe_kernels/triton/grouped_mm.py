@@ -43,9 +43,12 @@ def _block_rows(
     """(group, first row, end row) of row block ``pid_m``. Groups 0..E-1 are the experts, group E
     the padding rows [offsets[E], N); a group > E means the block is past the last one."""
     g = tl.arange(0, BLOCK_G)
-    lo = tl.load(offsets_ptr + g, mask=g <= E, other=0).to(tl.int32)
-    hi = tl.load(offsets_ptr + g + 1, mask=g < E, other=0).to(tl.int32)
-    hi = tl.where(g == E, N, hi)
+    # Offsets clamped into [0, N]: malformed ones (unchecked on the device) never reach past x or
+    # y; a group whose end precedes its start gets no block.
+    lo = tl.minimum(tl.maximum(tl.load(offsets_ptr + g, mask=g <= E, other=0), 0), N)
+    hi = tl.minimum(tl.maximum(tl.load(offsets_ptr + g + 1, mask=g < E, other=0), 0), N)
+    lo = lo.to(tl.int32)
+    hi = tl.where(g == E, N, hi.to(tl.int32))
     blocks = (tl.maximum(hi - lo, 0) + BLOCK_M - 1) // BLOCK_M
     through = inclusive_sum(blocks, 0)  # blocks of groups 0..g
     group = reduce_sum((through <= pid_m).to(tl.int32), 0)
@@ -124,6 +127,7 @@ def _grouped_mm_dw_kernel(
     dw_ptr,
     offsets_ptr,
     row_token_ptr,
+    N,
     D,
     F,
     stride_xr,
@@ -147,8 +151,9 @@ def _grouped_mm_dw_kernel(
     fs = (tile % tiles_f) * BLOCK_N + tl.arange(0, BLOCK_N)
     d_ok = ds < D
     f_ok = fs < F
-    lo = tl.load(offsets_ptr + e).to(tl.int32)
-    hi = tl.load(offsets_ptr + e + 1).to(tl.int32)
+    # Offsets clamped into [0, N] as in _block_rows; hi < lo leaves the loop empty (dw[e] = 0).
+    lo = tl.minimum(tl.maximum(tl.load(offsets_ptr + e), 0), N).to(tl.int32)
+    hi = tl.minimum(tl.maximum(tl.load(offsets_ptr + e + 1), 0), N).to(tl.int32)
     acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
     for r0 in range(lo, hi, BLOCK_K):
         rs = r0 + tl.arange(0, BLOCK_K)
@@ -237,6 +242,7 @@ def _dw(x, dy, offsets, row_token):
         dw,
         offsets,
         offsets if row_token is None else row_token,
+        dy.shape[0],
         D,
         F,
         x.stride(0),

@@ -222,3 +222,97 @@ def test_combine_property_cpu_equals_reference(T, D, E, data, cf, skew, seed, bf
         y.new_ones(T, D), y, plan.slot_row_TK, torch.float32, "reference"
     )
     torch.testing.assert_close(dw, dw_ref, atol=1e-4, rtol=1e-4)
+
+
+# ---- the plan against its inputs -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dispatch_token_count_must_match_plan(backend):
+    # The reproduction: a plan of 6 tokens used to read x_TD's 3 rows and heap garbage beyond.
+    _, e = mk.topk_gating(torch.randn(6, 4), 2)
+    plan = mk.route(e, 4)
+    with pytest.raises(ValueError, match=r"x_TD: expected 6 rows \(the tokens of plan\), got 3"):
+        mk.dispatch(torch.ones(3, 8), plan, backend=backend)
+    with pytest.raises(ValueError, match=r"weights_TK: expected shape \(6, 2\), got \(3, 2\)"):
+        mk.combine(torch.ones(plan.num_rows, 8), torch.rand(3, 2), plan, backend=backend)
+    with pytest.raises(ValueError, match=r"y_ND: expected 12 rows \(plan.num_rows\), got 11"):
+        mk.combine(torch.ones(11, 8), None, plan, backend=backend)
+
+
+def _plan_with(plan, **tensors):
+    return plan._replace(**tensors)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    "field,value,error,match",
+    [
+        # a row pointing past the T * K = 12 slots: dispatch would read past x_TD
+        ("row_slot_N", 12, ValueError, r"plan.row_slot_N: expected slots in \[-1, 12\).*= 12"),
+        ("row_slot_N", -2, ValueError, r"plan.row_slot_N: expected slots in \[-1, 12\).*= -2"),
+        # a slot pointing past the N = 12 rows: combine would read past y_ND
+        ("slot_row_TK", 40, ValueError, r"plan.slot_row_TK: expected rows in \[-1, 12\).*= 40"),
+    ],
+)
+def test_hand_made_plan_values_checked(backend, field, value, error, match):
+    _, e = mk.topk_gating(torch.randn(6, 4), 2)
+    plan = mk.route(e, 4)
+    bad = getattr(plan, field).clone()
+    bad.view(-1)[1] = value
+    plan = _plan_with(plan, **{field: bad})
+    with pytest.raises(error, match=match):
+        mk.dispatch(torch.ones(6, 8), plan, backend=backend)
+    with pytest.raises(error, match=match):
+        mk.combine(torch.ones(12, 8), None, plan, backend=backend)
+
+
+def test_hand_made_plan_dtype_checked():
+    _, e = mk.topk_gating(torch.randn(6, 4), 2)
+    plan = mk.route(e, 4)
+    plan = _plan_with(plan, row_slot_N=plan.row_slot_N.long())  # the kernels read int32
+    with pytest.raises(TypeError, match=r"plan.row_slot_N: expected dtype in \['torch.int32'\]"):
+        mk.dispatch(torch.ones(6, 8), plan)
+
+
+def test_valid_hand_made_plan_and_in_place_change():
+    _, e = mk.topk_gating(torch.randn(6, 4), 2)
+    plan = mk.route(e, 4)
+    x = torch.randn(6, 8)
+    copy = _plan_with(plan, row_slot_N=plan.row_slot_N.clone())  # valid, not from route
+    assert torch.equal(mk.dispatch(x, copy), dispatch_reference(x, plan.row_slot_N, 2))
+    plan.row_slot_N[0] = 99  # modified in place after route: checked again
+    with pytest.raises(ValueError, match=r"plan.row_slot_N\[0\] = 99"):
+        mk.dispatch(x, plan)
+
+
+def test_hand_made_plan_sanitised_where_values_cannot_be_read():
+    # The device path (no host read): out-of-range entries become -1 (padding row / dropped
+    # slot) instead of indexing outside x_TD or y_ND. Exercised on CPU through torch.compile's
+    # tracing, where values cannot be read either.
+    from moe_kernels.ops.dispatch_combine import check_plan
+
+    _, e = mk.topk_gating(torch.randn(6, 4), 2)
+    plan = mk.route(e, 4)
+    row_slot, slot_row = plan.row_slot_N.clone(), plan.slot_row_TK.clone()
+    row_slot[1], slot_row[0, 1] = 40, -7
+    bad = plan._replace(row_slot_N=row_slot, slot_row_TK=slot_row)
+    x = torch.randn(6, 8)
+    traced = torch.compile(lambda p: check_plan(p, x, "x_TD", 6), backend="eager", fullgraph=True)
+    rs, sr = traced(bad)
+    want_rs, want_sr = row_slot.clone(), slot_row.clone()
+    want_rs[1], want_sr[0, 1] = -1, -1
+    assert torch.equal(rs, want_rs) and torch.equal(sr, want_sr)
+
+
+def test_inference_mode_plan_is_always_checked():
+    # Inference tensors have no version counter: an in-place change could not be seen, so their
+    # plans are never trusted, and a change is caught by the check.
+    with torch.inference_mode():
+        _, e = mk.topk_gating(torch.randn(6, 4), 2)
+        plan = mk.route(e, 4)
+        x = torch.randn(6, 8)
+        assert torch.equal(mk.dispatch(x, plan), dispatch_reference(x, plan.row_slot_N, 2))
+        plan.row_slot_N[2] = 77
+        with pytest.raises(ValueError, match=r"plan.row_slot_N\[2\] = 77"):
+            mk.dispatch(x, plan)

@@ -120,3 +120,46 @@ def test_property_cpu_equals_reference(sizes, pad, D, F, seed):
     dy = torch.randn(N, F, generator=g)
     dw = torch.ops.moe_kernels.grouped_mm_dw(x, dy, offs, "cpu")
     torch.testing.assert_close(dw, grouped_mm_dw_reference(x, dy, offs), atol=1e-4, rtol=1e-4)
+
+
+# Malformed offsets (the reproductions of the input audit) on the CPU path, read before any
+# kernel runs: N = 4 rows, E = 2 experts.
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    "offsets,match",
+    [
+        (
+            [0, 2, 9],
+            r"offsets_E1: expected offsets <= 4 \(the rows of x_ND\), got offsets_E1\[2\] = 9",
+        ),
+        (
+            [0, 3, 2],
+            r"offsets_E1: expected non-decreasing.*offsets_E1\[2\] = 2 < offsets_E1\[1\] = 3",
+        ),
+        ([-1, 2, 4], r"offsets_E1: expected offsets_E1\[0\] = 0, got -1"),  # negative
+        ([1, 2, 4], r"offsets_E1: expected offsets_E1\[0\] = 0, got 1"),  # rows before expert 0
+        ([0, -2, 4], r"offsets_E1: expected non-decreasing.*offsets_E1\[1\] = -2"),
+    ],
+)
+def test_malformed_offsets_raise(backend, offsets, match):
+    for dtype in (torch.int32, torch.int64):
+        with pytest.raises(ValueError, match=match):
+            mk.grouped_mm(
+                torch.randn(4, 8),
+                torch.randn(2, 8, 8),
+                torch.tensor(offsets, dtype=dtype),
+                backend=backend,
+            )
+
+
+def test_user_offsets_checked_route_offsets_trusted_until_modified():
+    _, e = mk.topk_gating(torch.randn(6, 4), 2)
+    plan = mk.route(e, 4)
+    x, w = torch.randn(plan.num_rows, 8), torch.randn(4, 8, 8)
+    offs = plan.offsets_E1.clone()  # valid values in a tensor route did not produce: checked
+    torch.testing.assert_close(
+        mk.grouped_mm(x, w, offs), grouped_mm_reference(x, w, plan.offsets_E1)
+    )
+    plan.offsets_E1[-1] = plan.num_rows + 5  # an in-place change drops route's mark
+    with pytest.raises(ValueError, match=rf"offsets_E1\[4\] = {plan.num_rows + 5}"):
+        mk.grouped_mm(x, w, plan.offsets_E1)

@@ -178,3 +178,21 @@ def test_property_cpu_equals_reference(T, E, data, skew, capacity_factor, drop, 
     plan = mk.route(experts, E, capacity=cap, weights_TK=weights, drop=drop, backend="cpu")
     check_invariants(plan, experts, E, cap)
     assert_plans_equal(plan[:5], route_reference(experts, E, cap, weights, drop))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("bad", [2**32 + 1, 2**31, -(2**32) + 2])  # wrap to 1, -2**31, 2
+def test_int64_ids_outside_int32_raise(backend, bad):
+    # Cast to int32 these would wrap (2**32 + 1 -> 1: a valid id) and be routed silently.
+    experts = torch.tensor([[0, 1], [2, bad]])
+    with pytest.raises(
+        ValueError,
+        match=rf"experts_TK: expected expert ids in \[0, 4\), got experts_TK\[1, 1\] = {bad}",
+    ):
+        mk.route(experts, 4, backend=backend)
+
+
+def test_int64_ids_in_range_route_like_int32():
+    e = random_experts(16, 2, 4)
+    a, b = mk.route(e, 4), mk.route(e.long(), 4)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))

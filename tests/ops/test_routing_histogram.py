@@ -54,10 +54,62 @@ def test_deterministic_weight_sums():
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_out_of_range(backend):
     experts = torch.tensor([[0], [1]], dtype=torch.int32)
-    with pytest.raises(ValueError, match="labels_T: expected labels < 2.*found 5 at token 1"):
+    with pytest.raises(
+        ValueError, match=r"labels_T: expected labels in \[-1, 2\).*labels_T\[1\] = 5"
+    ):
         run(backend, experts, torch.tensor([0, 5]), 2, 2)
-    with pytest.raises(ValueError, match="experts_TK: expected expert ids < 1"):
+    with pytest.raises(
+        ValueError, match=r"experts_TK: expected expert ids in \[-1, 1\).*experts_TK\[1, 0\] = 1"
+    ):
         run(backend, experts, torch.tensor([0, 0]), 2, 1)
+
+
+# Only -1 means "skip": any other negative label or id is an error, not a silent skip.
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    "experts,labels,match",
+    [
+        ([0, 1, 2], [0, -3, 1], r"labels_T: expected labels in \[-1, 2\).*labels_T\[1\] = -3"),
+        (
+            [0, -3, 1],
+            [0, 0, 1],
+            r"experts_TK: expected expert ids in \[-1, 4\).*experts_TK\[1, 0\] = -3",
+        ),
+        # a bad id of a skipped (padding) token is an error all the same
+        (
+            [0, -2, 1],
+            [0, -1, 1],
+            r"experts_TK: expected expert ids in \[-1, 4\).*experts_TK\[1, 0\] = -2",
+        ),
+    ],
+)
+def test_negative_below_minus_one(backend, experts, labels, match):
+    out = torch.zeros(2, 4, dtype=torch.int64)
+    with pytest.raises(ValueError, match=match):
+        mk.routing_histogram(
+            torch.tensor(experts, dtype=torch.int32).unsqueeze(1),
+            torch.tensor(labels),
+            out,
+            backend=backend,
+        )
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_minus_one_skips(backend):
+    # label -1 skips the token, id -1 skips the slot; everything else is counted
+    experts = torch.tensor([[0, -1], [1, 2], [3, 3]], dtype=torch.int32)
+    labels = torch.tensor([1, -1, 0])
+    c, w = run(backend, experts, labels, 2, 4, torch.tensor([[0.5, 9.0], [9.0, 9.0], [0.25, 1.0]]))
+    assert c.tolist() == [[0, 0, 0, 2], [1, 0, 0, 0]]
+    assert w.tolist() == [[0.0, 0.0, 0.0, 1.25], [0.5, 0.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_int64_ids_past_int32(backend):
+    # 2**32 + 1 would wrap to 1 on the cast to int32 the kernels read
+    experts = torch.tensor([[0], [2**32 + 1]])
+    with pytest.raises(ValueError, match=r"experts_TK: expected expert ids.*= 4294967297"):
+        run(backend, experts, torch.tensor([0, 1]), 2, 4)
 
 
 def test_bad_arguments():

@@ -168,3 +168,27 @@ def test_property_cpu_equals_reference(T, E, data, score, seed, bf16):
     if T:
         assert int(e.min()) >= 0 and int(e.max()) < E
         assert (e.sort(-1).values.diff(dim=-1) > 0).all() if K > 1 else True
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_bias_raises(backend, bad):
+    # A NaN bias used to select experts 0 and 1 silently.
+    bias = torch.zeros(4)
+    bias[2] = bad
+    with pytest.raises(
+        ValueError, match=rf"bias_E: expected finite values, got bias_E\[2\] = -?{bad}"
+    ):
+        mk.topk_gating(torch.randn(4, 4), 2, bias_E=bias, backend=backend)
+
+
+def test_non_finite_bias_flags_every_token_without_a_host_check():
+    # The CUDA/Triton stand-in for the error (no host synchronisation), tested on CPU tensors.
+    from moe_kernels.ops.topk_gating import _flag_all_if_not_finite
+
+    w, e = mk.topk_gating(torch.randn(3, 4), 2)
+    bias = torch.tensor([0.0, float("nan"), 0.0, 0.0])
+    fw, fe = _flag_all_if_not_finite(bias, w, e)
+    assert torch.isnan(fw).all() and (fe == -1).all() and fe.dtype == torch.int32
+    kw, ke = _flag_all_if_not_finite(torch.zeros(4), w, e)
+    assert torch.equal(kw, w) and torch.equal(ke, e)

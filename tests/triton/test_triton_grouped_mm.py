@@ -135,3 +135,29 @@ def test_gather_grouped_mm_bad_arguments():
         gmm(x, w, offs, rows.long())
     with pytest.raises(ValueError, match="dy_NF: expected 4 rows"):
         mk.triton.gather_grouped_mm_dw(x, torch.randn(3, 16, device=DEVICE), offs, rows)
+
+
+# Offsets the device path cannot check without a host synchronisation: the kernels clamp each
+# into [0, N] (a group whose end precedes its start is empty), so they stay inside x, y and dw.
+# The public op raises for these on CPU, so the kernel module is called directly.
+@pytest.mark.parametrize(
+    "offsets,clamped",
+    [
+        ([0, 2, 9], [0, 2, 6]),  # past N = 6
+        ([-3, 2, 6], [0, 2, 6]),  # negative
+        ([0, 2**20, 2**20], [0, 6, 6]),  # far past N
+    ],
+)
+def test_malformed_offsets_clamped(offsets, clamped):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 16, generator=g).to(DEVICE)
+    w = torch.randn(2, 16, 16, generator=g).to(DEVICE)
+    dy = torch.randn(6, 16, generator=g).to(DEVICE)
+    bad = torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
+    good = torch.tensor(clamped, dtype=torch.int32, device=DEVICE)
+    kernels = families.kernels("grouped_mm")
+    y = kernels.grouped_mm(x, w, bad)
+    assert_close(y, grouped_mm_reference(x.double(), w.double(), good), x.dtype, "y", reduction=16)
+    dw = kernels.grouped_mm_dw(x, dy, bad)
+    ref = grouped_mm_dw_reference(x.double(), dy.double(), good)
+    assert_close(dw, ref, x.dtype, "dw", reduction=6)
