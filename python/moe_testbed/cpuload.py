@@ -35,10 +35,11 @@ def threads_per_job(jobs: int, n_cores: int | None = None) -> int:
 
 
 def oversubscription(
-    own_threads: int, load: float | None = None, n_cores: int | None = None
+    own_threads: int, load: float | None = None, n_cores: int | None = None, who: str = "run"
 ) -> str | None:
     """A warning text when ``load`` (1-minute load average, default the machine's, less the
-    planned sibling threads of a sweep) plus ``own_threads`` exceeds the cores; else None."""
+    planned sibling threads of a sweep) plus ``own_threads`` exceeds the cores; else None.
+    ``who`` names the process in the text ("run", "sweep")."""
     n = cores() if n_cores is None else n_cores
     if load is None:
         try:
@@ -53,7 +54,7 @@ def oversubscription(
     if load + own_threads <= n + 0.5:  # half a core of slack for the load average's noise
         return None
     return (
-        f"warning: this machine looks oversubscribed: load average {load:.1f} + this run's "
+        f"warning: this machine looks oversubscribed: load average {load:.1f} + this {who}'s "
         f"{own_threads} thread(s) > {n} core(s); torch ops slow down many times over when "
         "processes share cores (set OMP_NUM_THREADS / torch threads lower, or run fewer jobs)"
     )

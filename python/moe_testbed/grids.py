@@ -143,7 +143,9 @@ def _flag_set(raw: Any, where: str, known: dict[str, argparse.Action]) -> dict[s
         if k not in known:
             close = [n for n in known if k in n or n in k][:5]
             hint = f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""
-            raise GridError(f"{where}: unknown train flag --{k}{hint}; see moe-testbed train --help")
+            raise GridError(
+                f"{where}: unknown train flag --{k}{hint}; see moe-testbed train --help"
+            )
         if isinstance(value, (dict, list)):
             raise GridError(f"{where}: --{k} must be a single value, got {value!r}")
         out[k] = value

@@ -160,8 +160,9 @@ def _final_text(run_dir: Path) -> str:
         last = last_values(read_metrics(run_dir))
     except (OSError, ValueError):
         return ""
-    val, spec = names.name("loss", split="val"), names.name(
-        "specialization_score", split="val", layer=names.ALL
+    val, spec = (
+        names.name("loss", split="val"),
+        names.name("specialization_score", split="val", layer=names.ALL),
     )
     parts = []
     for label, key in (("val loss", val), ("loss", names.name("loss")), ("spec", spec)):
@@ -325,7 +326,7 @@ def run_sweep(
         f"{t} thread(s) on {cpuload.cores()} core(s); out {out}",
         flush=True,
     )
-    warning = cpuload.oversubscription(0)
+    warning = cpuload.oversubscription(jobs * t, who="sweep")
     if warning:
         print(f"moe-testbed sweep: {warning}", file=sys.stderr, flush=True)
     tic = time.perf_counter()
@@ -426,7 +427,5 @@ def add_sweep_subcommand(subparsers: Any) -> None:
         action="store_true",
         help="print one shell command per run (for a cluster scheduler); run nothing",
     )
-    p.add_argument(
-        "--no-compare", action="store_true", help="skip the comparison at the end"
-    )
+    p.add_argument("--no-compare", action="store_true", help="skip the comparison at the end")
     p.set_defaults(func=_cmd_sweep, _parser=p)
