@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -279,10 +280,14 @@ def test_sweep_end_to_end_skips_finished_and_resumes(tmp_path, capsys):
     for name in ("balance-aux_scope-micro-batch-seed0", "balance-aux_scope-global-batch-seed0"):
         run = out / "runs" / name
         assert json.loads((run / DONE).read_text())["steps"] == 4
-        events = [json.loads(ln)["event"] for ln in (run / "history.jsonl").read_text().split()]
+        events = [
+            json.loads(ln)["event"] for ln in (run / "history.jsonl").read_text().splitlines()
+        ]
         assert events[0] == "start" and "resume" in events
         assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
-    assert "| balance-aux_scope-micro-batch |" in text  # the compare table, seeds grouped
+    # the compare table, one row per run
+    assert re.search(r"^\| balance-aux_scope-micro-batch(-seed0)? +\| 1 +\| 4 ", text, re.M)
+    assert re.search(r"^\| balance-aux_scope-global-batch(-seed0)? +\| 1 +\| 4 ", text, re.M)
     assert (out / "compare" / "compare.md").is_file()
     status = json.loads((out / "sweep.json").read_text())["runs"]
     assert {r["state"] for r in status.values()} == {"finished"}
