@@ -337,8 +337,15 @@ def test_killed_sweep_resumes(tmp_path):
                 assert time.monotonic() < deadline, "the run outlived its sweep"
                 time.sleep(0.2)
         fcntl.flock(f, fcntl.LOCK_UN)
+    logged = (ckpt.parents[1] / "metrics.jsonl").read_text().splitlines()
+    steps = max(json.loads(ln)["step"] for ln in logged if ln.endswith("}")) + 2  # >= ckpt's
     rc = subprocess.run(
-        [*argv, "--set", "steps=6", "--no-compare"], capture_output=True, text=True, timeout=120
+        [*argv, "--set", f"steps={steps}", "--no-compare"],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert rc.returncode == 0, rc.stdout + rc.stderr
     assert "resuming balance-aux_scope-global-batch-seed0" in rc.stdout
+    events = (ckpt.parents[1] / "history.jsonl").read_text()
+    assert '"resume"' in events
