@@ -76,7 +76,7 @@ testbed_packages = find_packages("python", include=["moe_testbed", "moe_testbed.
 setup(
     packages=find_packages(include=["moe_kernels", "moe_kernels.*"]) + testbed_packages,
     package_dir={"moe_testbed": "python/moe_testbed"},
-    package_data={"moe_testbed": ["data/sample/*"]},
+    package_data={"moe_testbed": ["data/sample/*", "grids/*.yaml"]},
     ext_modules=[CMakeExtension("moe_kernels._C")],
     cmdclass={"build_ext": CMakeBuild},
 )

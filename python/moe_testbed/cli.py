@@ -1,5 +1,5 @@
-"""The ``moe-testbed`` command line: ``train``, ``demo``, ``report``, ``compare``, ``analyze``,
-``export``, ``specialize``, ``data ...``.
+"""The ``moe-testbed`` command line: ``train``, ``demo``, ``sweep``, ``report``, ``compare``,
+``analyze``, ``export``, ``specialize``, ``data ...``.
 
 ``train`` takes one flag per config field (``moe-testbed train --help`` lists them, with the
 help text of each field), a ``--config`` file and a ``--preset``; flags override the file, the
@@ -53,6 +53,7 @@ def error_text(err: BaseException) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from moe_testbed.cpuload import warn_if_oversubscribed
     from moe_testbed.sinks import require_tensorboard
     from moe_testbed.train import train
 
@@ -69,6 +70,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         except ImportError as e:
             print(f"moe-testbed train: {e}", file=sys.stderr)
             return 2
+    warn_if_oversubscribed()
     out = args.out or f"runs/{cfg.preset}-{cfg.moe.router}-{cfg.moe.balance}-{cfg.moe.scope}"
     train(cfg, out, resume=not args.no_resume, allow_config_change=args.allow_config_change)
     return 0
@@ -193,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_data_subcommands(sub)
     add_report_subcommands(sub)
+    from moe_testbed.sweep import add_sweep_subcommand
+
+    add_sweep_subcommand(sub)
     from moe_testbed.analysis_cli import add_analysis_subcommands
 
     add_analysis_subcommands(sub)

@@ -1,0 +1,76 @@
+"""CPU oversubscription: how many cores this process may use and whether others are using them.
+
+Two torch processes with intra-op thread pools on the same cores slow each other down by far
+more than 2x (spinning OpenMP workers wait for descheduled peers): one ``grouped_mm`` of
+1024 x 128 x 128 went from 0.5 ms to 124 ms with a second 2-thread process on the same two
+cores. ``moe-testbed sweep`` therefore gives its J parallel runs ``cores // J`` threads each,
+and the trainer warns when the machine already looks busy (:func:`warn_if_oversubscribed`).
+
+A sweep tells its runs how many threads their siblings use in ``MOE_TESTBED_SIBLING_THREADS``,
+so that load the sweep planned for is not counted against a run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+SIBLINGS_ENV = "MOE_TESTBED_SIBLING_THREADS"
+_warned = False
+
+
+def cores() -> int:
+    """Cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def threads_per_job(jobs: int, n_cores: int | None = None) -> int:
+    """Threads each of ``jobs`` parallel processes gets so that together they fit the cores:
+    ``max(1, cores // jobs)``."""
+    n = cores() if n_cores is None else n_cores
+    return max(1, n // max(1, jobs))
+
+
+def oversubscription(
+    own_threads: int, load: float | None = None, n_cores: int | None = None, who: str = "run"
+) -> str | None:
+    """A warning text when ``load`` (1-minute load average, default the machine's, less the
+    planned sibling threads of a sweep) plus ``own_threads`` exceeds the cores; else None.
+    ``who`` names the process in the text ("run", "sweep")."""
+    n = cores() if n_cores is None else n_cores
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return None
+        try:
+            siblings = max(0, int(os.environ.get(SIBLINGS_ENV, "0")))
+        except ValueError:
+            siblings = 0
+        load = max(0.0, load - siblings)
+    if load + own_threads <= n + 0.5:  # half a core of slack for the load average's noise
+        return None
+    return (
+        f"warning: this machine looks oversubscribed: load average {load:.1f} + this {who}'s "
+        f"{own_threads} thread(s) > {n} core(s); torch ops slow down many times over when "
+        "processes share cores (set OMP_NUM_THREADS / torch threads lower, or run fewer jobs)"
+    )
+
+
+def warn_if_oversubscribed(own_threads: int | None = None) -> str | None:
+    """Print the :func:`oversubscription` warning to stderr once per process; returns it."""
+    global _warned
+    if _warned:
+        return None
+    if own_threads is None:
+        import torch
+
+        own_threads = torch.get_num_threads()
+    text = oversubscription(own_threads)
+    if text is not None:
+        _warned = True
+        print(f"moe-testbed: {text}", file=sys.stderr, flush=True)
+    return text
