@@ -362,6 +362,9 @@ RESUME_FREE = (
     "train.threads",
     "train.expert_parallel",  # experts are re-sharded on load (place_experts checks the size)
     "train.dist_timeout",
+    "data.eval_batches",
+    "data.eval_tokens",
+    "data.eval_batch_size",
 )
 RESUME_FIXED = (
     "model.",
@@ -375,6 +378,7 @@ RESUME_FIXED = (
     "data.domains",
     "data.tokenizer_vocab",
     "data.data_seed",
+    "data.batch_domains",
     "train.seed",
     "train.micro_batch_size",
 )

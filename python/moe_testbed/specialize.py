@@ -186,8 +186,8 @@ def _subject(path: str, device: torch.device) -> Subject:
             text=cfg.data.data_dir or "sample",
             domains=cfg.data.domains,
             seq_len=cfg.model.seq_len,
-            seed=cfg.train.seed,
-            eval_tokens=cfg.data.eval_batches * cfg.train.micro_batch_size * cfg.model.seq_len,
+            seed=cfg.data.data_seed,
+            eval_tokens=cfg.data.eval_tokens,
         )
     import transformers
 
