@@ -99,26 +99,39 @@ def forward_pass(
         else torch.zeros(floor_weights.shape[0], len(layers), num_seqs, num_experts)
     )
     loss_N = torch.zeros(num_seqs, dtype=torch.float64)
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    inputs: list[torch.Tensor] = []  # each MoE layer's input (T, D), in layer order
+    selected: list[torch.Tensor] = []  # each layer's selected experts (T, K), -1 = none
 
-    def hook(_m, args, kwargs, decision):
+    def hook(_m, args, kwargs, _decision):
         x = args[0] if args else kwargs["x"]
-        seen.append((x.reshape(-1, x.shape[-1]), decision.experts_TK.long()))
+        inputs.append(x.reshape(-1, x.shape[-1]))
 
-    handles = [layer.router.register_forward_hook(hook, with_kwargs=True) for layer in layers]
-    was_training = model.training
-    model.eval()
-    order = interleaved(domain_N)
-    batches = order.split(cfg.data.eval_batch_size)
+    def recording(router):
+        own = router.selection
+
+        def selection(dec, plan):  # the selected sets the stats count (expert choice: kept)
+            out = own(dec, plan)
+            selected.append(out[0].long())
+            return out
+
+        return selection
+
+    batches = interleaved(domain_N).split(cfg.data.eval_batch_size)
     if progress:
         from tqdm import tqdm
 
         batches = tqdm(batches, desc="evaluate", unit="batch", leave=False)
+    was_training = model.training
+    model.eval()
+    handles = [layer.router.register_forward_hook(hook, with_kwargs=True) for layer in layers]
+    for layer in layers:
+        layer.router.selection = recording(layer.router)
     try:
         for idx in batches:
             toks = tokens_NS1[idx].to(device)
             labels = domain_N[idx].to(device)[:, None].expand_as(toks)
-            seen.clear()
+            inputs.clear()
+            selected.clear()
             with autocast_for(cfg, device):
                 logits = model(toks[:, :-1], labels[:, :-1])
             ce = F.cross_entropy(
@@ -126,8 +139,8 @@ def forward_pass(
             )
             loss_N[idx] = ce.view(len(idx), -1).sum(1).double().cpu()
             seq_T = torch.arange(len(idx), device=device).repeat_interleave(positions)
-            for layer, (x, experts_TK) in enumerate(seen):
-                flat = (seq_T[:, None] * num_experts + experts_TK).reshape(-1)
+            for layer, (x, experts_TK) in enumerate(zip(inputs, selected)):
+                flat = (seq_T[:, None] * num_experts + experts_TK)[experts_TK >= 0]
                 c = torch.bincount(flat, minlength=len(idx) * num_experts)
                 counts[layer, idx] = c.view(len(idx), num_experts).float().cpu()
                 if floor is not None:
@@ -136,6 +149,8 @@ def forward_pass(
     finally:
         for h in handles:
             h.remove()
+        for layer in layers:
+            del layer.router.selection  # back to the class's method
         model.train(was_training)
     return Pass(
         loss_N.numpy(),

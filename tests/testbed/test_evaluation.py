@@ -119,6 +119,22 @@ def test_eval_capacity_applies_to_mixed_domain_batches(tiny_cfg):
     assert single_drop > 0.5
 
 
+@pytest.mark.parametrize("router", ["learned", "expert_choice", "hash"])
+def test_pass_counts_are_the_selections_the_stats_count(tiny_cfg, router):
+    """Per-sequence counts summed by domain equal the layers' own statistics (expert choice:
+    the pairs the experts took, not every expert of every token)."""
+    cfg = tiny_cfg(moe={"router": router, "balance": "none"})
+    data = build_data(cfg, 0, 1)
+    model = evaluation.initial_model(cfg)
+    stats.enable(model, num_labels=8)
+    tokens, dom = data.val_sequences()
+    run = evaluation.forward_pass(model, cfg, torch.device("cpu"), tokens, dom)
+    want = stats.read(model)["requested_LDE"]
+    got = evaluation.chance.domain_counts(run.counts_LNE, run.domain_N, 8)
+    np.testing.assert_array_equal(got, want)
+    assert "selection" not in vars(model.moe_layers()[0].router)  # the class's method again
+
+
 def _chance(path):
     return json.loads((path / "evaluation.json").read_text())
 
