@@ -200,3 +200,27 @@ def test_evaluate_command_rejects_bad_arguments(tiny_cfg, tmp_path, capsys, args
 def test_evaluate_command_without_a_run(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "none")]) == 2
     assert "run_dir" in capsys.readouterr().err
+
+
+def test_report_and_compare_show_the_chance_tables(tiny_cfg, tmp_path):
+    from moe_testbed.report import compare, make_report
+
+    runs = []
+    for seed in (0, 1):
+        run = tmp_path / f"learned-s{seed}"
+        train(tiny_cfg(steps=2, eval_every=2, seed=seed), run)
+        runs.append(run)
+    make_report(runs[0])
+    summary = (runs[0] / "report" / "summary.md").read_text()
+    assert "## Against chance" in summary and "specialization_score" in summary
+    compare(runs, tmp_path / "cmp")
+    text = (tmp_path / "cmp" / "compare.md").read_text()
+    chance_part = text.split("## Against chance")[1]
+    assert "spec corrected" in chance_part and "(n=2)" in chance_part  # two training seeds
+    other = tmp_path / "learned-data1"
+    cfg = tiny_cfg(steps=2, eval_every=2)
+    cfg.data.data_seed = 1
+    train(cfg, other)
+    compare([*runs, other], tmp_path / "cmp2")
+    rows = (tmp_path / "cmp2" / "compare.md").read_text().split("## Against chance")[1]
+    assert "(n=1)" in rows  # another data seed is not a seed of the same config
