@@ -106,3 +106,12 @@ def test_over_draws_averages():
     assert out["nmi"]["value"] == pytest.approx(want)
     assert out["nmi"]["draws"] == 3
     assert specialization_score(chance.domain_counts(_blind_counts(dom), dom, D)) >= 0
+
+
+def test_metrics_that_need_e_divisible_by_d_are_left_out():
+    dom = np.repeat(np.arange(3), 10)
+    counts = np.random.default_rng(0).multinomial(8, np.ones(4) / 4, size=30)[None]
+    res = chance.against_chance(counts.astype(float), dom, 3, permutations=5)
+    assert "specialization_score" not in res and "matched_agreement" not in res
+    assert {"purity", "nmi", "domain_isolation"} <= set(res)
+    assert set(chance.bootstrap_se(counts, dom, 3, resamples=3)) == set(res)

@@ -51,9 +51,21 @@ def domain_counts(counts_LNE: np.ndarray, domain_N: np.ndarray, num_domains: int
     return np.einsum("nd,lne->lde", onehot_ND, counts_LNE)
 
 
+def applicable(num_domains: int, num_experts: int) -> list[str]:
+    """The chance metrics defined for D domains and E experts: matched agreement and the
+    specialization score need E % D == 0 and D >= 2, domain isolation D >= 2."""
+    skip = set()
+    if num_domains < 2 or num_experts % num_domains:
+        skip |= {"matched_agreement", "specialization_score"}
+    if num_domains < 2:
+        skip.add("domain_isolation")
+    return [k for k in CHANCE_METRICS if k not in skip]
+
+
 def metric_values(counts_LDE: np.ndarray) -> dict[str, float]:
-    """Every chance metric of (L, D, E) counts, averaged over layers."""
-    return {k: float(np.mean(f(counts_LDE))) for k, f in CHANCE_METRICS.items()}
+    """Every applicable chance metric of (L, D, E) counts, averaged over layers."""
+    names = applicable(counts_LDE.shape[1], counts_LDE.shape[2])
+    return {k: float(np.mean(CHANCE_METRICS[k](counts_LDE))) for k in names}
 
 
 def corrected(value: float, null: float) -> float:
@@ -76,11 +88,11 @@ def permutation_null(
     if permutations < 1:
         raise ValueError(f"permutations: expected >= 1, got {permutations}")
     rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {k: [] for k in CHANCE_METRICS}
+    draws: dict[str, list[float]] = {}
     for _ in range(permutations):
         shuffled = rng.permutation(np.asarray(domain_N))
         for k, v in metric_values(domain_counts(counts_LNE, shuffled, num_domains)).items():
-            draws[k].append(v)
+            draws.setdefault(k, []).append(v)
     return {
         k: {
             "mean": float(np.mean(v)),
@@ -111,7 +123,7 @@ def against_chance(
             "null_std": null[k]["std"],
             "corrected": corrected(values[k], null[k]["mean"]),
         }
-        for k in CHANCE_METRICS
+        for k in values
     }
 
 
@@ -119,7 +131,7 @@ def over_draws(per_draw: list[dict[str, dict[str, float]]]) -> dict[str, dict[st
     """Mean over draws of every entry of :func:`against_chance` results, plus ``draw_std`` of
     the value and of the corrected score, and ``draws``."""
     out: dict[str, dict[str, float]] = {}
-    for k in CHANCE_METRICS:
+    for k in per_draw[0]:
         entry = {f: float(np.mean([d[k][f] for d in per_draw])) for f in per_draw[0][k]}
         entry["value_draw_std"] = float(np.std([d[k]["value"] for d in per_draw]))
         entry["corrected_draw_std"] = float(np.std([d[k]["corrected"] for d in per_draw]))
@@ -142,12 +154,12 @@ def bootstrap_se(
     rng = np.random.default_rng([seed, 0x5E])
     domain_N = np.asarray(domain_N)
     groups = [np.flatnonzero(domain_N == d) for d in range(num_domains)]
-    draws: dict[str, list[float]] = {k: [] for k in CHANCE_METRICS}
+    draws: dict[str, list[float]] = {}
     for _ in range(resamples):
         idx = np.concatenate([rng.choice(g, size=len(g)) for g in groups if len(g)])
         sample = domain_counts(np.asarray(counts_LNE)[:, idx], domain_N[idx], num_domains)
         for k, v in metric_values(sample).items():
-            draws[k].append(v)
+            draws.setdefault(k, []).append(v)
     return {k: float(np.std(v, ddof=1)) for k, v in draws.items()}
 
 
