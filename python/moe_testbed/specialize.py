@@ -332,7 +332,7 @@ def specialize(
         raise ValueError(f"domain: {domain!r} is not among the domains {val_text.domains}")
     train_text = load_text(source, domains or subj.domains, split="train", seed=subj.seed)
     n_eval = max(1, (eval_tokens or subj.eval_tokens) // S)
-    val = domain_windows(val_text, subj.encode, subj.sep, S, n_eval)
+    val = domain_windows(val_text, subj.encode, subj.sep, S, n_eval, spread=True)
     train_only = DomainText([domain], {domain: train_text.docs[domain]}, source, "train")
     train = domain_windows(train_only, subj.encode, subj.sep, S, steps * batch_size)[domain]
     label = val_text.domains.index(domain)
