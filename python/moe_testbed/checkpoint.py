@@ -400,6 +400,8 @@ def resume_changes(saved: dict[str, Any], cfg: RunConfig) -> dict[str, tuple[Any
     and the reference router's ``moe.num_groups=None`` stand for what the trainer derives, so
     they equal any saved value."""
     old, new = _flat(saved), _flat(cfg.to_dict())
+    if "train.seed" in old:  # saved before data.data_seed: the training seed split the data
+        old.setdefault("data.data_seed", old["train.seed"])
     derived = {"model.vocab_size": 0, "moe.num_groups": None}
     return {
         k: (old[k], v)

@@ -224,3 +224,17 @@ def test_report_and_compare_show_the_chance_tables(tiny_cfg, tmp_path):
     compare([*runs, other], tmp_path / "cmp2")
     rows = (tmp_path / "cmp2" / "compare.md").read_text().split("## Against chance")[1]
     assert "(n=1)" in rows  # another data seed is not a seed of the same config
+
+
+def test_resuming_a_run_saved_before_data_seed_keeps_its_data_seed():
+    from moe_testbed.checkpoint import resume_changes, resume_kind
+
+    saved = RunConfig().to_dict()
+    saved["train"]["seed"] = 3
+    del saved["data"]["data_seed"]
+    cfg = RunConfig()
+    cfg.train.seed = 3
+    assert resume_changes(saved, cfg) == {"data.data_seed": (3, 0)}
+    assert resume_kind("data.data_seed") == "fixed"
+    cfg.data.data_seed = 3
+    assert resume_changes(saved, cfg) == {}
