@@ -397,7 +397,7 @@ def analyze(
     hf_model, tokenizer, blocks = load_hf_model(model, device=dev)
     S = seq_len or min(512, int(getattr(hf_model.config, "max_position_embeddings", 512)))
     encode, sep = hf_encoder(tokenizer)
-    windows = domain_windows(text, encode, sep, S, max(1, tokens // S))
+    windows = domain_windows(text, encode, sep, S, max(1, tokens // S), spread=True)
     col = collect(hf_model, windows, batch_size=batch_size, progress=progress)
     record: dict[str, Any] = {"step": 0, "tokens": int(col.tokens_D.sum())}
     record.update(analysis_record(col, text.domains))

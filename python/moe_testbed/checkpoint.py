@@ -362,6 +362,9 @@ RESUME_FREE = (
     "train.threads",
     "train.expert_parallel",  # experts are re-sharded on load (place_experts checks the size)
     "train.dist_timeout",
+    "data.eval_batches",
+    "data.eval_tokens",
+    "data.eval_batch_size",
 )
 RESUME_FIXED = (
     "model.",
@@ -375,6 +378,7 @@ RESUME_FIXED = (
     "data.domains",
     "data.tokenizer_vocab",
     "data.data_seed",
+    "data.batch_domains",
     "train.seed",
     "train.micro_batch_size",
 )
@@ -396,6 +400,8 @@ def resume_changes(saved: dict[str, Any], cfg: RunConfig) -> dict[str, tuple[Any
     and the reference router's ``moe.num_groups=None`` stand for what the trainer derives, so
     they equal any saved value."""
     old, new = _flat(saved), _flat(cfg.to_dict())
+    if "train.seed" in old:  # saved before data.data_seed: the training seed split the data
+        old.setdefault("data.data_seed", old["train.seed"])
     derived = {"model.vocab_size": 0, "moe.num_groups": None}
     return {
         k: (old[k], v)

@@ -111,6 +111,24 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from moe_testbed.evaluation import evaluate_run
+
+    try:
+        path = evaluate_run(
+            args.run_dir,
+            eval_tokens=args.eval_tokens,
+            permutations=args.permutations,
+            floor_draws=args.floor_draws,
+            device=args.device,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        print(f"moe-testbed evaluate: error: {error_text(err)}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
 def add_report_subcommands(subparsers: Any) -> None:
     """Register ``report RUN_DIR`` and ``compare RUN_DIR... [--out DIR]``.
 
@@ -125,6 +143,29 @@ def add_report_subcommands(subparsers: Any) -> None:
         "--out", default=None, help="output directory (default: <common parent>/compare)"
     )
     c.set_defaults(func=_cmd_compare)
+    e = subparsers.add_parser(
+        "evaluate",
+        help="specialization against chance of a run's last checkpoint -> RUN_DIR/evaluation.json",
+        description="Evaluate the last checkpoint on a fixed validation budget per domain: "
+        "loss, specialization metrics with their permutation null, chance-corrected score, "
+        "step-0 value and representation floor (docs/METRICS.md). Runs written before "
+        "data.data_seed existed use their training seed as data seed.",
+    )
+    e.add_argument("run_dir", help="run directory (config.json, checkpoints/)")
+    e.add_argument(
+        "--eval-tokens", type=int, default=None,
+        help="validation tokens per domain (default: the run's data.eval_tokens)",
+    )
+    e.add_argument(
+        "--permutations", type=int, default=200,
+        help="domain-label shuffles of the permutation null (default 200)",
+    )
+    e.add_argument(
+        "--floor-draws", type=int, default=8,
+        help="random linear routers of the representation floor (default 8; 0 = none)",
+    )
+    e.add_argument("--device", default="auto", help="torch device; auto = GPU if any")
+    e.set_defaults(func=_cmd_evaluate)
 
 
 def _add_debug(parser: argparse.ArgumentParser) -> None:

@@ -85,7 +85,13 @@ class DataConfig:
     )
     domains: str | None = _field(None, "comma-separated subset of the corpus's domains; None = all")
     tokenizer_vocab: int = _field(4096, "vocabulary size of the byte-level BPE tokenizer")
-    eval_batches: int = _field(2, "validation micro-batches per domain at each evaluation")
+    eval_batches: int = _field(2, "unused (validation size: eval_tokens); read from old configs")
+    eval_tokens: int = _field(8192, "validation tokens per domain (windows spread over documents)")
+    eval_batch_size: int = _field(16, "sequences per validation batch (domains interleaved)")
+    data_seed: int = _field(0, "seed of the document split and tokenizer (not train.seed)")
+    batch_domains: str = _field(
+        "mixed", "training micro-batches: mixed domains or one domain each", ("mixed", "single")
+    )
 
 
 @dataclass
@@ -325,6 +331,9 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "moe.num_experts": _at_least(1),  # before the top_k check that divides by it
     "data.tokenizer_vocab": ((lambda v: 512 <= v <= 65536), "in [512, 65536]"),
     "data.eval_batches": ((lambda v: v >= 1), ">= 1 (no evaluation: --eval-every 0)"),
+    "data.eval_tokens": _at_least(1),
+    "data.eval_batch_size": _at_least(1),
+    "data.data_seed": ((lambda v: 0 <= v < 2**32), "in [0, 2**32)"),
     **{f"train.{n}": _at_least(1) for n in ("steps", "micro_batch_size", "grad_accum")},
     "train.lr": _ABOVE_0,
     "train.min_lr_ratio": ((lambda v: 0 <= v <= 1), "in [0, 1]"),

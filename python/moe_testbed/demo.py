@@ -8,7 +8,11 @@ its own group of E/D = 2 experts:
 reference           oracle: the domain picks the expert group (specialization upper bound)
 learned_global      learned router, Switch aux loss over the global batch
 learned_micro       learned router, Switch aux loss per micro-batch (the common default)
-random              router re-drawn every step (content-free lower bound)
+random              random linear router re-drawn every step (not content-free: a random
+                    projection of hidden states that differ by domain depends on the domain;
+                    its metrics are means over draws, and ``evaluation.json`` compares every run
+                    with such routers as the representation floor; the hash router is the
+                    content-free floor)
 ==================  ==========================================================================
 
 The step count is tuned so that all four runs and the report take under ten minutes on two CPU

@@ -19,9 +19,10 @@ corpus (the tokens the trainer evaluates) and all of the text of any other sourc
 
 Windows (:func:`domain_windows`): the documents of a domain, in order, are tokenized (no special
 tokens) and joined with a separator token after every document, then cut into non-overlapping
-windows of S + 1 tokens from the start: the trainer's validation windows
-(``moe_testbed.data.validation_sequences``) for the same tokenizer, corpus and seed. Only as
-many documents are tokenized as the requested windows need.
+windows of S + 1 tokens from the start, or with ``spread`` evenly spaced over the whole stream
+(so over many documents): the trainer's validation windows
+(``moe_testbed.data.validation_sequences(..., spread=True)``) for the same tokenizer, corpus
+and data seed. Without ``spread`` only as many documents are tokenized as the windows need.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from moe_testbed.data.clean import split_indices
@@ -161,8 +163,10 @@ def domain_windows(
     max_windows: int,
     *,
     chunk_docs: int = 64,
+    spread: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The first ``max_windows`` windows of S + 1 = ``seq_len + 1`` tokens of every domain.
+    """The first ``max_windows`` windows of S + 1 = ``seq_len + 1`` tokens of every domain
+    (``spread``: ``max_windows`` windows evenly spaced over the domain's whole stream).
 
     Args:
         text: the documents (:func:`load_text`).
@@ -187,15 +191,20 @@ def domain_windows(
             for ids in encode(docs[i : i + chunk_docs]):
                 stream.extend(ids)
                 stream.append(sep)
-            if len(stream) >= need:
+            if len(stream) >= need and not spread:
                 break
-        n = min(max_windows, len(stream) // S1)
+        total = len(stream) // S1
+        n = min(max_windows, total)
         if n == 0:
             raise ValueError(
                 f"text: domain {d!r} has {len(stream)} tokens, fewer than seq_len + 1 = {S1}; "
                 "use a shorter --seq-len or more text"
             )
-        out[d] = torch.tensor(stream[: n * S1], dtype=torch.int64).view(n, S1)
+        starts = np.arange(n) * S1
+        if spread and n < total:  # as moe_testbed.data.validation_sequences
+            starts = np.linspace(0, total - 1, n).round().astype(np.int64) * S1
+        arr = np.asarray(stream, dtype=np.int64)
+        out[d] = torch.from_numpy(np.stack([arr[s : s + S1] for s in starts]))
     return out
 
 

@@ -224,6 +224,16 @@ def export_model(
     return out
 
 
+def run_config(saved: dict) -> RunConfig:
+    """A run's config from its ``config.json``; a run written before ``data.data_seed``
+    existed split its documents (and trained its tokenizer) with ``train.seed``: its data
+    seed."""
+    cfg = RunConfig.from_dict(saved)
+    if "data_seed" not in saved.get("data", {}):
+        cfg.data.data_seed = cfg.train.seed
+    return cfg
+
+
 def load_run_model(run_dir: str | os.PathLike) -> tuple[MoETransformer, RunConfig, int]:
     """(model on CPU in eval mode, config, step) of a run directory's last checkpoint.
 
@@ -236,7 +246,7 @@ def load_run_model(run_dir: str | os.PathLike) -> tuple[MoETransformer, RunConfi
         raise FileNotFoundError(f"run_dir: {str(rd.path)!r} has no config.json (not a run)")
     if not checkpoint.exists(rd):
         raise FileNotFoundError(f"run_dir: {str(rd.path)!r} has no checkpoint to export")
-    cfg = RunConfig.from_dict(rd.read_config())
+    cfg = run_config(rd.read_config())
     cpu = torch.device("cpu")
     loaded = checkpoint.load(rd, device=cpu)
     # Every expert, whatever the expert-parallel size the run was saved with.
@@ -256,7 +266,7 @@ def run_tokenizer(cfg: RunConfig):
         return None
     from moe_testbed import data
 
-    corpus = data.load_corpus(d.data_dir or "sample", d.domains, seed=cfg.train.seed)
+    corpus = data.load_corpus(d.data_dir or "sample", d.domains, seed=d.data_seed)
     return data.train_tokenizer(corpus, vocab_size=d.tokenizer_vocab)
 
 
@@ -275,9 +285,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
         "data_dir": cfg.data.data_dir or "sample",
         "domains": cfg.data.domains,
         "seed": cfg.train.seed,
+        "data_seed": cfg.data.data_seed,
         "seq_len": cfg.model.seq_len,
-        "validation_tokens_per_domain": cfg.data.eval_batches
-        * cfg.train.micro_batch_size
-        * cfg.model.seq_len,
+        "validation_tokens_per_domain": cfg.data.eval_tokens,
     }
     return export_model(model, out_dir, tokenizer=tok, meta=meta)

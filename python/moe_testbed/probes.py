@@ -227,15 +227,16 @@ class ProbeResult(NamedTuple):
 
 
 def probe_batch(data: Any, max_sequences: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fixed probe tokens: the first sequences of every domain's first validation batch,
+    """The fixed probe tokens: the first validation sequences of every domain,
     ``max(1, max_sequences // D)`` per domain. ``data`` is a ``moe_testbed.sources.RunData``.
     Returns ``(tokens_BS, labels_BS)`` int64 without the shifted-target position."""
     num_domains = len(data.domains)
     per = max(1, max_sequences // num_domains)
-    firsts = [data.val_batches(d)[0] for d in range(num_domains)]
-    tokens = torch.cat([t[:per] for t, _ in firsts])
-    labels = torch.cat([lab[:per] for _, lab in firsts])
-    return tokens[:, :-1], labels[:, :-1]
+    tokens_NS1, domain_N = data.val_sequences()
+    rows = torch.cat([torch.nonzero(domain_N == d)[:per, 0] for d in range(num_domains)])
+    tokens = tokens_NS1[rows]
+    labels = domain_N[rows, None].expand_as(tokens)
+    return tokens[:, :-1], labels[:, :-1].contiguous()
 
 
 def run_probes(

@@ -43,8 +43,9 @@ from typing import Any
 import numpy as np
 
 from moe_kernels.tables import format_value, markdown_table
+from moe_testbed import chance_report, metrics, plots
 from moe_testbed import logging as names
-from moe_testbed import metrics, plots
+from moe_testbed.evaluation import read_evaluation
 from moe_testbed.rundir import RunDir, last_values
 from moe_testbed.runstart import previous_runs
 
@@ -223,6 +224,12 @@ def make_report(run_dir: str | os.PathLike) -> list[Path]:
         f"{len(records)} metric records; {html.escape(counts_note)}.</p>",
         "<h2>Final logged values</h2>" + _html_table(["metric", "value"], logged_rows),
     ]
+    ev = read_evaluation(rd.path)
+    if ev:
+        sections.append(
+            f"<h2>Against chance</h2><p>{html.escape(chance_report.caption(ev))}</p>"
+            + _html_table(chance_report.HEADER, chance_report.rows(ev))
+        )
     if final_summary:
         sections.append(
             f"<h2>Routing metrics per layer ({html.escape(counts_note)}, scope {EVAL_SCOPE})</h2>"
@@ -240,6 +247,9 @@ def make_report(run_dir: str | os.PathLike) -> list[Path]:
     md = [f"# MoE routing report: {title}\n", f"Run directory: `{rd.path.resolve()}`  \n"]
     md.append(f"{len(records)} metric records; {counts_note}.\n\n## Final logged values\n\n")
     md.append(markdown_table(["metric", "value"], logged_rows) + "\n")
+    if ev:
+        md.append(f"\n## Against chance\n\n{chance_report.caption(ev)}\n\n")
+        md.append(markdown_table(chance_report.HEADER, chance_report.rows(ev)) + "\n")
     if final_summary:
         md.append(f"\n## Routing metrics per layer ({counts_note}, scope {EVAL_SCOPE})\n\n")
         md.append(markdown_table(layer_header, layer_body) + "\n")
@@ -378,6 +388,7 @@ def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -
         if step == 0:
             raise ValueError(_nothing_to_report(rd))
         run = {"label": _run_label(rd, config), "final": _final_values(rd, records)}
+        run["evaluation"] = read_evaluation(rd.path)
         run.update(curves=_curves(rd, records), config=config, step=step, path=str(rd.path))
         runs.append(run)
     out = Path(out_dir)
@@ -407,8 +418,18 @@ def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -
     )
     md_path = out / "compare.md"
     md_notes = "".join(f"\n- {n}" for n in notes)
+    chance_header, chance_body = chance_report.compare_table(labelled)
+    chance_md = (
+        "\n## Against chance (evaluation.json)\n\n" + markdown_table(chance_header, chance_body)
+        if chance_body
+        else ""
+    )
     md_path.write_text(
-        f"# Run comparison\n\n{note}\n\n" + markdown_table(header, body) + "\n" + md_notes
+        f"# Run comparison\n\n{note}\n\n"
+        + markdown_table(header, body)
+        + "\n"
+        + md_notes
+        + chance_md
     )
     paths = [md_path]
     curves = [
@@ -436,6 +457,8 @@ def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -
         "Run comparison",
         [f"<p>{html.escape(note)}</p>", _html_table(header, body)]
         + [f"<p>{html.escape(n)}</p>" for n in notes]
+        + (["<h2>Against chance</h2>" + _html_table(chance_header, chance_body)]
+           if chance_body else [])
         + [_img_tag(p) for p in images],
     )
     html_path = out / "compare.html"

@@ -21,7 +21,8 @@ class RunData:
 
     ``domains`` (names), ``vocab_size``; ``next_batch() -> (tokens_BS1, labels_BS1)`` int64 of
     S + 1 positions (inputs and shifted targets); ``state_dict``/``load_state_dict`` for the
-    exact data position; ``val_batches(d)`` the fixed validation batches of domain d;
+    exact data position; ``val_sequences()`` the fixed validation set, ``(tokens_NS1,
+    domain_N)`` with ``ceil(eval_tokens / S)`` windows per domain in domain order;
     ``pools()`` domain -> token ids, for the context-perturbation probe.
     """
 
@@ -37,7 +38,7 @@ class RunData:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         raise NotImplementedError
 
-    def val_batches(self, domain: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def val_sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def pools(self) -> dict[int, torch.Tensor]:
@@ -60,14 +61,16 @@ class SyntheticData(RunData):
         seed: int,
         rank: int,
         world: int,
-        eval_batches: int,
+        eval_windows: int,
         num_domains: int = 8,
+        data_seed: int | None = None,
     ) -> None:
         self.domains = [f"synthetic{d}" for d in range(num_domains)]
         self.vocab_size, self.seq_len, self.batch = vocab_size, seq_len, batch
-        self.seed, self.rank, self.world, self.eval_batches = seed, rank, world, eval_batches
+        self.seed, self.rank, self.world, self.eval_windows = seed, rank, world, eval_windows
         self.n = 0
-        g = np.random.default_rng(seed)
+        self.data_seed = seed if data_seed is None else data_seed  # domains and validation set
+        g = np.random.default_rng(self.data_seed)
         width = vocab_size // (num_domains + 1)  # one slice per domain + one shared slice
         self.slices = [np.arange(d * width, (d + 1) * width) for d in range(num_domains + 1)]
         self.next_tok = [
@@ -75,8 +78,8 @@ class SyntheticData(RunData):
             for sl in self.slices[:-1]
         ]
 
-    def _batch(self, key: int, batch: int, domain: int | None = None):
-        g = np.random.default_rng([self.seed, key])
+    def _batch(self, key: int, batch: int, domain: int | None = None, seed: int | None = None):
+        g = np.random.default_rng([self.seed if seed is None else seed, key])
         dom = (
             g.integers(len(self.domains), size=batch) if domain is None else np.full(batch, domain)
         )
@@ -103,11 +106,13 @@ class SyntheticData(RunData):
     def load_state_dict(self, state):
         self.n = int(state["n"])
 
-    def val_batches(self, domain):
-        return [
-            self._batch(10**9 + domain * 1000 + i, self.batch, domain)
-            for i in range(self.eval_batches)
+    def val_sequences(self):
+        toks = [
+            self._batch(10**9 + d, self.eval_windows, d, self.data_seed)[0]
+            for d in range(len(self.domains))
         ]
+        dom = torch.arange(len(self.domains)).repeat_interleave(self.eval_windows)
+        return torch.cat(toks), dom
 
     def pools(self):
         return {
@@ -124,21 +129,25 @@ class CorpusData(RunData):
 
         t, d, seq = cfg.train, cfg.data, cfg.model.seq_len
         subset = [x.strip() for x in d.domains.split(",")] if d.domains else None
-        corpus = data.load_corpus(d.data_dir or "sample", subset, seed=t.seed)
+        corpus = data.load_corpus(d.data_dir or "sample", subset, seed=d.data_seed)
         tok = data.train_tokenizer(corpus, vocab_size=d.tokenizer_vocab)
         self.train_set = data.build_dataset(corpus, tok, seq_len=seq, split="train")
         self.val_set = data.build_dataset(corpus, tok, seq_len=seq, split="validation")
         self.domains = list(self.train_set.domains)
         self.vocab_size = int(self.train_set.vocab_size)
         self.loader = data.BatchLoader(
-            self.train_set, t.micro_batch_size, seed=t.seed, rank=rank, world_size=world
+            self.train_set,
+            t.micro_batch_size,
+            seed=t.seed,
+            rank=rank,
+            world_size=world,
+            mixing=d.batch_domains,
         )
-        per_domain = d.eval_batches * t.micro_batch_size
-        seqs = data.validation_sequences(self.val_set, max_per_domain=per_domain)
-        self._val = [
-            [(x, torch.full_like(x, i)) for x in seqs[name].split(t.micro_batch_size)]
-            for i, name in enumerate(self.domains)
-        ]
+        seqs = data.validation_sequences(self.val_set, eval_windows(cfg), spread=True)
+        self._val = (
+            torch.cat([seqs[n] for n in self.domains]),
+            torch.cat([torch.full((len(seqs[n]),), i) for i, n in enumerate(self.domains)]),
+        )
         self._pools: dict[int, torch.Tensor] | None = None
 
     def next_batch(self):
@@ -152,8 +161,8 @@ class CorpusData(RunData):
     def load_state_dict(self, state):
         self.loader.load_state_dict(state)
 
-    def val_batches(self, domain):
-        return self._val[domain]
+    def val_sequences(self):
+        return self._val
 
     def pools(self):
         if self._pools is None:  # the domain's own vocabulary: distinct ids of its train stream
@@ -166,12 +175,24 @@ class CorpusData(RunData):
         return self._pools
 
 
+def eval_windows(cfg: RunConfig) -> int:
+    """Validation windows per domain: ``ceil(data.eval_tokens / seq_len)`` predicted-token rows."""
+    return -(-cfg.data.eval_tokens // cfg.model.seq_len)
+
+
 def build_data(cfg: RunConfig, rank: int, world: int) -> RunData:
     """The run's corpus: ``synthetic``, or the data layer's corpus (``None`` = shipped sample)."""
     t, d = cfg.train, cfg.data
     if d.data_dir == "synthetic":
         vocab = cfg.model.vocab_size or 512
         return SyntheticData(
-            vocab, cfg.model.seq_len, t.micro_batch_size, t.seed, rank, world, d.eval_batches
+            vocab,
+            cfg.model.seq_len,
+            t.micro_batch_size,
+            t.seed,
+            rank,
+            world,
+            eval_windows(cfg),
+            data_seed=d.data_seed,
         )
     return CorpusData(cfg, rank, world)

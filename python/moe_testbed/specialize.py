@@ -186,8 +186,8 @@ def _subject(path: str, device: torch.device) -> Subject:
             text=cfg.data.data_dir or "sample",
             domains=cfg.data.domains,
             seq_len=cfg.model.seq_len,
-            seed=cfg.train.seed,
-            eval_tokens=cfg.data.eval_batches * cfg.train.micro_batch_size * cfg.model.seq_len,
+            seed=cfg.data.data_seed,
+            eval_tokens=cfg.data.eval_tokens,
         )
     import transformers
 
@@ -332,7 +332,7 @@ def specialize(
         raise ValueError(f"domain: {domain!r} is not among the domains {val_text.domains}")
     train_text = load_text(source, domains or subj.domains, split="train", seed=subj.seed)
     n_eval = max(1, (eval_tokens or subj.eval_tokens) // S)
-    val = domain_windows(val_text, subj.encode, subj.sep, S, n_eval)
+    val = domain_windows(val_text, subj.encode, subj.sep, S, n_eval, spread=True)
     train_only = DomainText([domain], {domain: train_text.docs[domain]}, source, "train")
     train = domain_windows(train_only, subj.encode, subj.sep, S, steps * batch_size)[domain]
     label = val_text.domains.index(domain)

@@ -34,10 +34,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from moe_kernels import aux_losses, parallel, stats, update_routers
-from moe_testbed import checkpoint, metrics, probes, runstart, sinks
+from moe_testbed import checkpoint, evaluation, metrics, probes, runstart, sinks
 from moe_testbed import logging as names
 from moe_testbed.config import RunConfig, save, validate
-from moe_testbed.model import MoETransformer, route_experts
+from moe_testbed.model import route_experts
 from moe_testbed.rundir import RunDir, atomic_write_json, last_values
 from moe_testbed.runtime import (
     StatsWindow,
@@ -103,7 +103,7 @@ class Trainer:
         if cfg.moe.router == "reference" and cfg.moe.num_groups is None:
             cfg.moe.num_groups = len(self.data.domains)  # one expert group per domain
         cfg.moe.validate()  # the fields just set in place
-        self.raw = MoETransformer(cfg.model, cfg.moe).to(self.device)
+        self.raw = evaluation.initial_model(cfg).to(self.device)  # the step-0 model of the seed
         self.groups = self._reference_groups()
         self.model: torch.nn.Module = self.raw
         self.ep = self._expert_parallel(t.expert_parallel)
@@ -285,22 +285,12 @@ class Trainer:
         self.window.drain()  # keep training counts out of the validation counts
         self.model.eval()
         rec: dict[str, Any] = {"step": self.step, "tokens": self.tokens}
-        losses = []
-        for d, domain in enumerate(self.data.domains):
-            total, n = 0.0, 0
-            for tokens_BS1, labels_BS1 in self.data.val_batches(d):
-                tokens_BS1, labels_BS1 = tokens_BS1.to(self.device), labels_BS1.to(self.device)
-                with autocast_for(self.cfg, self.device):
-                    logits = self.raw(tokens_BS1[:, :-1], labels_BS1[:, :-1])
-                total += float(
-                    F.cross_entropy(
-                        logits.flatten(0, 1), tokens_BS1[:, 1:].reshape(-1), reduction="sum"
-                    )
-                )
-                n += tokens_BS1[:, 1:].numel()
-            losses.append(total / max(n, 1))
-            rec[names.name("loss", split="val", domain=domain)] = losses[-1]
-            rec[names.name("ppl", split="val", domain=domain)] = math.exp(min(losses[-1], 50))
+        tokens_NS1, domain_N = self.data.val_sequences()
+        run = evaluation.forward_pass(self.raw, self.cfg, self.device, tokens_NS1, domain_N)
+        losses = run.domain_loss(len(self.data.domains))
+        for domain, loss in zip(self.data.domains, losses):
+            rec[names.name("loss", split="val", domain=domain)] = loss
+            rec[names.name("ppl", split="val", domain=domain)] = math.exp(min(loss, 50))
         rec[names.name("loss", split="val")] = float(np.mean(losses))
         rec[names.name("ppl", split="val")] = math.exp(min(float(np.mean(losses)), 50))
         extra: dict[str, np.ndarray] = {}
@@ -431,6 +421,10 @@ class Trainer:
                 curves = probes.saturation_curves(self.probe_state.get("routes", {}))
                 if curves:
                     atomic_write_json(self.run_dir.path / "saturation.json", curves)
+            if t.eval_every and self.rank == 0 and self.ep is None:  # expert parallel: evaluate
+                record = evaluation.evaluation_record(self.raw, self.cfg, self.data, self.device,
+                                                      self.step, progress=t.progress)
+                atomic_write_json(self.run_dir.path / evaluation.EVALUATION_FILE, record)
         finally:
             self.log.close()
         return last_values(self.run_dir.read_metrics()) if self.rank == 0 else {}

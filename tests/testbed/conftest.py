@@ -25,7 +25,7 @@ def tiny_cfg():
             setattr(cfg.model, key, value)
         for key, value in (moe or {}).items():
             setattr(cfg.moe, key, value)
-        cfg.data.data_dir, cfg.data.eval_batches = "synthetic", 1
+        cfg.data.data_dir, cfg.data.eval_tokens, cfg.data.eval_batch_size = "synthetic", 64, 4
         t = cfg.train
         t.micro_batch_size, t.progress, t.probes = 4, False, False
         t.log_every, t.eval_every, t.ckpt_every = 1, 0, 2
@@ -38,11 +38,11 @@ def tiny_cfg():
 
 SAMPLE_DOMAINS = "de,code_py,legal"
 # Tiny on purpose: the tests check plumbing and exactness, not what the model learns. Two
-# evaluation micro-batches of 4 sequences of 32 tokens: 256 validation tokens per domain.
+# evaluation batches of 4 sequences of 32 tokens: 256 validation tokens per domain.
 RUN = {
     "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff_expert": 32, "seq_len": 32},
     "moe": {"num_experts": 4, "top_k": 2},
-    "data": {"domains": SAMPLE_DOMAINS, "eval_batches": 2},
+    "data": {"domains": SAMPLE_DOMAINS, "eval_tokens": 256, "eval_batch_size": 4},
     "train": {
         "steps": 4,
         "micro_batch_size": 4,

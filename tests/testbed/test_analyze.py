@@ -110,7 +110,7 @@ def test_family_routing_and_metrics_equal_direct_computation(family, sample_expo
     )  # fmt: skip
     text = load_text("sample", SAMPLE_DOMAINS)
     encode, sep = hf_encoder(transformers.AutoTokenizer.from_pretrained(path))
-    windows = domain_windows(text, encode, sep, 16, 4)
+    windows = domain_windows(text, encode, sep, 16, 4, spread=True)  # as analyze
     ids_L = _direct_routing(path, windows)  # (T, K) per layer, domain by domain
     labels_T = torch.cat(
         [torch.full((w.shape[0] * 16,), d) for d, w in enumerate(windows.values())]

@@ -108,7 +108,9 @@ class BatchLoader:
     rank ``r`` takes rows ``[r*B, (r+1)*B)``. Resuming at step s therefore needs no replay, and
     the union over ranks equals a single-rank run with the global batch size.
     ``balance="domain"`` picks each row's domain uniformly; ``"natural"`` in proportion to the
-    domain's tokens. Each row is a window at a uniformly random offset of one domain's stream.
+    domain's tokens; ``mixing="single"`` gives every row of a rank's batch the domain of its
+    first row (single-domain micro-batches). Each row is a window at a uniformly random offset
+    of one domain's stream.
     """
 
     def __init__(
@@ -120,7 +122,11 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         balance: str = "domain",
+        mixing: str = "mixed",
     ) -> None:
+        if mixing not in ("mixed", "single"):
+            raise ValueError(f"mixing: expected 'mixed' or 'single', got {mixing!r}")
+        self.mixing = mixing
         if batch_size < 1:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -140,6 +146,8 @@ class BatchLoader:
         g = self.batch_size * self.world_size
         dom_G = rng.choice(len(ds.domains), size=g, p=self.probs)
         u_G = rng.random(g)
+        if self.mixing == "single":  # one domain per rank's micro-batch
+            dom_G = np.repeat(dom_G[:: self.batch_size], self.batch_size)
         lo = self.rank * self.batch_size
         tokens = np.empty((self.batch_size, S1), dtype=np.int64)
         for row, i in enumerate(range(lo, lo + self.batch_size)):
@@ -163,12 +171,13 @@ class BatchLoader:
             "world_size": self.world_size,
             "balance": self.balance,
             "batch_size": self.batch_size,
+            "mixing": self.mixing,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at ``state["step"]``; raises ``ValueError`` if the stream settings differ."""
-        for k in ("seed", "world_size", "balance", "batch_size"):
-            if state[k] != getattr(self, k):
+        for k in ("seed", "world_size", "balance", "batch_size", "mixing"):
+            if state.get(k, "mixed") != getattr(self, k):
                 raise ValueError(
                     f"{k}: checkpoint has {state[k]!r}, loader has {getattr(self, k)!r}"
                 )
@@ -176,17 +185,22 @@ class BatchLoader:
 
 
 def validation_sequences(
-    dataset: TokenDataset, max_per_domain: int | None = None
+    dataset: TokenDataset, max_per_domain: int | None = None, *, spread: bool = False
 ) -> dict[str, torch.Tensor]:
     """Fixed non-overlapping (S+1)-token windows of every domain: ``{domain: int64 [N, S+1]}``,
-    the first ``max_per_domain`` windows of each stream (all when ``None``)."""
+    the first ``max_per_domain`` windows of each stream (all when ``None``), or with ``spread``
+    ``max_per_domain`` windows evenly spaced over the whole stream (so over many documents)."""
     S1 = dataset.seq_len + 1
     out = {}
     for d in dataset.domains:
-        n = dataset.num_tokens(d) // S1
-        if max_per_domain is not None:
-            n = min(n, max_per_domain)
-        arr = np.asarray(dataset.tokens[d][: n * S1], dtype=np.int64).reshape(n, S1)
+        total = dataset.num_tokens(d) // S1
+        n = total if max_per_domain is None else min(total, max_per_domain)
+        if spread and n < total:
+            starts = np.linspace(0, total - 1, n).round().astype(np.int64) * S1
+        else:
+            starts = np.arange(n, dtype=np.int64) * S1
+        stream = np.asarray(dataset.tokens[d])
+        arr = np.stack([stream[s : s + S1] for s in starts]).astype(np.int64).reshape(n, S1)
         out[d] = torch.from_numpy(arr)
     return out
 
