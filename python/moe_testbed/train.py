@@ -104,6 +104,8 @@ class Trainer:
             cfg.moe.num_groups = len(self.data.domains)  # one expert group per domain
         cfg.moe.validate()  # the fields just set in place
         self.raw = MoETransformer(cfg.model, cfg.moe).to(self.device)
+        if not self.raw.moe_layers():  # a dense baseline: no routing to count or probe
+            t.stats = t.probes = False
         self.groups = self._reference_groups()
         self.model: torch.nn.Module = self.raw
         self.ep = self._expert_parallel(t.expert_parallel)
@@ -253,6 +255,8 @@ class Trainer:
             "grad_norm": float(getattr(self, "last_grad_norm", float("nan"))),
             "aux_loss": aux_loss,
         }
+        if not self.raw.moe_layers():  # a dense baseline has no aux loss, not a zero one
+            del rec["aux_loss"]
         self.loss_sum.zero_()
         self.loss_count = 0
         # Balance is logged at micro-batch and global-batch scope whatever the training scope
@@ -452,7 +456,7 @@ class Trainer:
             n["active"] += (self.ep.size - 1) * shard
         t, m = self.cfg.train, self.cfg.model
         print(
-            f"moe-testbed: preset={self.cfg.preset} router={self.cfg.moe.router} "
+            f"moe-testbed: preset={self.cfg.preset} dense={m.dense} router={self.cfg.moe.router} "
             f"balance={self.cfg.moe.balance} scope={self.cfg.moe.scope} "
             f"E={self.cfg.moe.num_experts} k={self.cfg.moe.top_k}\n"
             f"  params: total {n['total'] / 1e6:.2f}M, active {n['active'] / 1e6:.2f}M per token; "
