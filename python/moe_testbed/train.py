@@ -71,6 +71,8 @@ class Trainer:
         allow_config_change: bool = False,
     ) -> None:
         validate(cfg)  # every field, and what the run needs from this machine: before any work
+        if cfg.model.dense != "none":  # a dense baseline: no routing to count or probe
+            cfg.train.stats = cfg.train.probes = False
         self.cfg, self.rank, self.world = cfg, *init_dist(cfg.train.dist_timeout)
         self.device = pick_device(cfg, self.rank)
         self.run_dir = RunDir(out)
@@ -104,8 +106,6 @@ class Trainer:
             cfg.moe.num_groups = len(self.data.domains)  # one expert group per domain
         cfg.moe.validate()  # the fields just set in place
         self.raw = MoETransformer(cfg.model, cfg.moe).to(self.device)
-        if not self.raw.moe_layers():  # a dense baseline: no routing to count or probe
-            t.stats = t.probes = False
         self.groups = self._reference_groups()
         self.model: torch.nn.Module = self.raw
         self.ep = self._expert_parallel(t.expert_parallel)

@@ -130,3 +130,11 @@ def test_flags_preset_e16k4_dense_and_sinkhorn_scope():
     with pytest.raises(ConfigError, match=r"moe.scope: .*got 'global_batch") as e:
         _resolve(["--balance", "sinkhorn"])  # the testbed's default scope is global_batch
     assert e.value.field == "moe.scope"
+
+
+def test_dense_run_resumes(tiny_cfg, tmp_path):
+    train(tiny_cfg(steps=2, ckpt_every=2, model={"dense": "equal_total"}), tmp_path / "run")
+    final = train(tiny_cfg(steps=4, ckpt_every=2, model={"dense": "equal_total"}), tmp_path / "run")
+    assert final["step"] == 4
+    history = (tmp_path / "run" / "history.jsonl").read_text()
+    assert "resume" in history
