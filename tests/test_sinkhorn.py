@@ -122,3 +122,27 @@ def test_config_rejects_undefined_scope_and_router(method):
         MoEConfig(balance=method, scope="micro_batch", router="hash")
     with pytest.raises(ValueError, match=r"sinkhorn_iters: expected an int >= 1, got 0"):
         MoEConfig(balance=method, scope="micro_batch", sinkhorn_iters=0)
+
+
+@pytest.mark.parametrize("method", ["sinkhorn", "assignment"])
+def test_shared_router_followers_use_the_balanced_selection(method):
+    from moe_kernels import share_router
+
+    torch.manual_seed(0)
+    kw = dict(router="shared_router", balance=method, scope="micro_batch", backend="cpu")
+    owner, follower = MoE(16, 32, 8, 2, **kw), MoE(16, 32, 8, 2, **kw)
+    share_router([owner, follower])
+    with torch.no_grad():
+        owner.router.weight_ED[0] += 2.0  # skewed: plain top-k would differ from balanced
+    x = torch.randn(64, 16) + 1.0
+    seen = []
+    h = follower.router.register_forward_hook(lambda _m, _i, d: seen.append(d.experts_TK))
+    try:
+        owner(x)
+        follower(x)
+    finally:
+        h.remove()
+    plain = owner.router.decide(x, labels_T=None, token_ids_T=None, bias_E=None, backend="cpu")
+    balanced = owner.router.publishes.decision.experts_TK
+    assert not torch.equal(balanced, plain.experts_TK)
+    torch.testing.assert_close(seen[0], balanced)
