@@ -427,7 +427,7 @@ def _check_moe(moe: MoEConfig, groups: int | None) -> None:
             dataclasses.replace(moe, num_groups=groups) if groups != moe.num_groups else moe
         ).validate()
     except (ValueError, TypeError, KeyError) as err:
-        text = str(err).strip("'\"")
+        text = str(err).strip("'\"") if isinstance(err, KeyError) else str(err)
         name = text.split(":", 1)[0] if ":" in text.split(" ", 1)[0] else "router"
         raise ConfigError(f"moe.{name}", f"moe.{text}") from None
 

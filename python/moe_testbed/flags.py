@@ -63,7 +63,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON run config")
     parser.add_argument(
-        "--preset", help=f"model size preset, one of {', '.join(PRESETS)} (default tiny)"
+        "--preset",
+        help=f"model size preset, one of {', '.join(PRESETS)} (default tiny); "
+        + ", ".join(f"{n} also sets {d}" for n, d in PRESET_MOE.items()),
     )
     defaults = RunConfig()
     for section, cls in SECTIONS.items():

@@ -127,7 +127,7 @@ def test_flags_preset_e16k4_dense_and_sinkhorn_scope():
     cfg = _resolve(["--preset", "tiny_e16k4", "--top-k", "2", "--dense", "equal_total"])
     assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.model.dense) == (16, 2, "equal_total")
     assert _resolve(["--balance", "sinkhorn", "--scope", "sequence"]).moe.balance == "sinkhorn"
-    with pytest.raises(ConfigError, match=r"moe.scope: .*got 'global_batch") as e:
+    with pytest.raises(ConfigError, match=r"moe.scope: .*got 'global_batch'") as e:
         _resolve(["--balance", "sinkhorn"])  # the testbed's default scope is global_batch
     assert e.value.field == "moe.scope"
 
