@@ -14,6 +14,9 @@ Definitions follow ``docs/ROUTING.md``:
 - ``L_z = mean_t logsumexp(z_t)^2``.
 - Aux-loss-free bias: ``b_i <- b_i + u * sign(mean_j c_j - c_i)``; the ``"mean_centred"`` rule
   then subtracts the mean of b so the bias cannot drift as a whole.
+- Sinkhorn balancing (``moe_kernels.sinkhorn``) and balanced assignment
+  (``moe_kernels.assignment``) change the selection itself, in training, over the scope's tokens
+  (:func:`balanced_decision`); they are defined at ``sequence`` and ``micro_batch`` scope only.
 
 Balancing state lives in :class:`BalanceState` (owned by each ``MoE`` layer) and is updated
 outside ``forward`` by ``moe_kernels.update_routers``; no module-global lists.
@@ -23,7 +26,16 @@ from __future__ import annotations
 
 import torch
 
-BALANCES = ("aux", "aux_free", "none")
+from moe_kernels.assignment import assign_select
+from moe_kernels.sinkhorn import sinkhorn_select
+
+BALANCES = ("aux", "aux_free", "sinkhorn", "assignment", "none")
+# Methods that select experts from a balanced problem over the scope's tokens, the scopes where
+# that is defined (a forward pass sees one micro-batch, never the whole optimizer step) and the
+# routers whose selection is a top-k of learned logits they can replace.
+SELECTING = ("sinkhorn", "assignment")
+SELECTING_SCOPES = ("sequence", "micro_batch")
+SELECTING_ROUTERS = ("learned", "frozen", "random", "shared_router")
 SCOPES = ("sequence", "micro_batch", "global_batch")
 BIAS_RULES = ("sign", "mean_centred")
 
@@ -101,6 +113,29 @@ def scoped_aux_loss(
     if scope == "global_batch" and training:
         return switch_aux_loss(probs_TE, state.accumulate_global(counts_E))
     return switch_aux_loss(probs_TE, counts_E)
+
+
+def balanced_decision(
+    dec, method: str, k: int, scope: str, *, seq_len: int, iters: int, normalize: bool
+):
+    """``dec`` (a ``RouterDecision``) with its experts chosen by ``method`` (``"sinkhorn"`` with
+    ``iters`` rounds, or ``"assignment"``) over the scope's token groups: each sequence of
+    ``seq_len`` tokens (``sequence``) or all T tokens (``micro_batch``). The gate weights are the
+    router's own scores ``dec.scores_TE`` at the chosen experts (renormalised to sum 1 with
+    ``normalize``), so gradients reach the router through the weights only."""
+    logits_TE = dec.logits_TE
+    T, E = logits_TE.shape
+    groups = T // seq_len if scope == "sequence" and T else 1
+    z_GSE = logits_TE.reshape(groups, T // groups if groups else 0, E)
+    if method == "sinkhorn":
+        experts = sinkhorn_select(z_GSE, k, iters)
+    else:
+        experts = assign_select(z_GSE, k)
+    experts_TK = experts.reshape(T, k)
+    w = dec.scores_TE.gather(1, experts_TK)
+    if normalize:
+        w = w / w.sum(-1, keepdim=True)
+    return dec._replace(weights_TK=w, experts_TK=experts_TK.to(torch.int32).contiguous())
 
 
 def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:

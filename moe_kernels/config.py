@@ -53,6 +53,7 @@ class MoEConfig:
     z_coef: float = _field(1e-3, "weight of the router z-loss (0 = off)")
     bias_rate: float = _field(1e-3, "aux-free bias step u per feedback window")
     bias_rule: str = _field("sign", "aux-free bias update rule", bal.BIAS_RULES)
+    sinkhorn_iters: int = _field(10, "Sinkhorn normalisation rounds (balance='sinkhorn')")
     capacity_factor: float | None = _field(
         None, "expert capacity ceil(cf * T * k / E) per micro-batch; None = dropless"
     )
@@ -102,4 +103,18 @@ class MoEConfig:
         n = self.shared_experts
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"shared_experts: expected an int >= 0, got {n!r}")
+        it = self.sinkhorn_iters
+        if isinstance(it, bool) or not isinstance(it, int) or it < 1:
+            raise ValueError(f"sinkhorn_iters: expected an int >= 1, got {it!r}")
+        if self.balance in bal.SELECTING:
+            if self.scope not in bal.SELECTING_SCOPES:
+                raise ValueError(
+                    f"scope: balance={self.balance!r} selects over the scope's tokens within one "
+                    f"forward pass, so it is defined at {bal.SELECTING_SCOPES}, got {self.scope!r}"
+                )
+            if self.router not in bal.SELECTING_ROUTERS:
+                raise ValueError(
+                    f"router: balance={self.balance!r} replaces a learned top-k selection; "
+                    f"expected one of {bal.SELECTING_ROUTERS}, got {self.router!r}"
+                )
         ROUTER_CLASSES[self.router].check_config(self)  # the router kind's own rules

@@ -325,6 +325,12 @@ class MoE(nn.Module):
             raise ValueError(
                 str(e).replace("logits_TE:", "x:", 1) + " (its router logits are not finite)"
             ) from e
+        if cfg.balance in bal.SELECTING and self.training and not self.follows_shared_router:
+            S = x.shape[-2] if x.dim() >= 3 else x_TD.shape[0]  # tokens per sequence
+            kw = dict(seq_len=S, iters=cfg.sinkhorn_iters, normalize=cfg.normalize)
+            dec = bal.balanced_decision(dec, cfg.balance, self.top_k, cfg.scope, **kw)
+            if self.router.publishes is not None:  # followers reuse the balanced selection
+                self.router.publishes.decision = dec
         plan = self._plan(dec, x_TD.shape[0])
         if self.ep is None:
             out = self.experts(x_TD, plan, dec.weights_TK)

@@ -42,6 +42,9 @@ def _field(default: Any, help: str, choices: tuple | None = None) -> Any:
     return field(default=default, metadata=metadata)
 
 
+DENSE = ("none", "equal_active", "equal_total")  # ModelConfig.dense (moe_testbed.presets)
+
+
 @dataclass
 class ModelConfig:
     """Decoder-only transformer sizes. ``vocab_size=0`` takes the tokenizer's vocabulary."""
@@ -57,6 +60,9 @@ class ModelConfig:
     tie_embeddings: bool = _field(True, "share the input embedding and output projection")
     rope_theta: float = _field(10000.0, "rotary embedding base")
     norm_eps: float = _field(1e-5, "RMSNorm epsilon")
+    dense: str = _field(
+        "none", "dense baseline: MoE FFNs become SwiGLU of width k*F (equal_active) or E*F", DENSE
+    )
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether block ``layer`` (0-based) has an MoE FFN: every ``moe_every``-th block counting
@@ -169,6 +175,7 @@ SECTIONS: dict[str, type] = {
 # the parameter counts of each).
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(d_model=128, n_layers=4, n_heads=4, d_ff_expert=128, d_ff_dense=512),
+    "tiny_e16k4": ModelConfig(d_model=128, n_layers=4, n_heads=4, d_ff_expert=64, d_ff_dense=512),
     "small": ModelConfig(d_model=256, n_layers=6, n_heads=4, d_ff_expert=256, d_ff_dense=1024),
     "base": ModelConfig(
         d_model=384, n_layers=8, n_heads=6, d_ff_expert=384, d_ff_dense=1536, seq_len=256
@@ -177,6 +184,10 @@ PRESETS: dict[str, ModelConfig] = {
         d_model=512, n_layers=11, n_heads=8, d_ff_expert=512, d_ff_dense=2048, seq_len=256
     ),
 }
+
+
+# MoE fields a preset sets besides the sizes (tiny_e16k4: tiny's parameters in 16 experts, top-4)
+PRESET_MOE: dict[str, dict[str, Any]] = {"tiny_e16k4": {"num_experts": 16, "top_k": 4}}
 
 
 def get_preset(name: str) -> ModelConfig:
@@ -425,7 +436,7 @@ def _check_moe(moe: MoEConfig, groups: int | None) -> None:
             dataclasses.replace(moe, num_groups=groups) if groups != moe.num_groups else moe
         ).validate()
     except (ValueError, TypeError, KeyError) as err:
-        text = str(err).strip("'\"")
+        text = str(err).strip("'\"") if isinstance(err, KeyError) else str(err)
         name = text.split(":", 1)[0] if ":" in text.split(" ", 1)[0] else "router"
         raise ConfigError(f"moe.{name}", f"moe.{text}") from None
 

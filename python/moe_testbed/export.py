@@ -72,6 +72,8 @@ def export_family(model_cfg: ModelConfig, moe_cfg: Any) -> str:
         problems.append(f"moe.activation={m.activation!r} (gated: {', '.join(_HIDDEN_ACT)})")
     if m.expert_bias:
         problems.append("moe.expert_bias=True")
+    if model_cfg.dense != "none":
+        problems.append(f"model.dense={model_cfg.dense!r} (a dense baseline has no experts)")
     if problems:
         raise ValueError(
             "export: cannot be written as a Mixtral or Qwen2-MoE model: "

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_testbed.config import (
+    PRESET_MOE,
     PRESETS,
     SECTIONS,
     RunConfig,
@@ -18,6 +19,7 @@ from moe_testbed.config import (
     _fields,
     _flag,
     apply_overrides,
+    default_moe,
     get_preset,
     validate,
 )
@@ -61,7 +63,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON run config")
     parser.add_argument(
-        "--preset", help=f"model size preset, one of {', '.join(PRESETS)} (default tiny)"
+        "--preset",
+        help=f"model size preset, one of {', '.join(PRESETS)} (default tiny); "
+        + ", ".join(f"{n} also sets {d}" for n, d in PRESET_MOE.items()),
     )
     defaults = RunConfig()
     for section, cls in SECTIONS.items():
@@ -98,6 +102,7 @@ def resolve(args: argparse.Namespace) -> RunConfig:
     preset = getattr(args, "preset", None) or file_d.get("preset", "tiny")
     cfg = RunConfig(preset=preset)
     cfg.model = get_preset(preset)
+    cfg.moe = default_moe(**PRESET_MOE.get(preset, {}))
     apply_overrides(
         cfg, {k: v for k, v in file_d.items() if k != "preset"}, origin=str(args.config)
     )

@@ -3,7 +3,9 @@
 Pre-norm blocks: ``x + attn(rmsnorm(x))`` then ``x + ffn(rmsnorm(x))``; rotary position
 embeddings; causal attention through ``F.scaled_dot_product_attention``; an MoE FFN in every
 ``moe_every``-th layer (counting from the last), a dense SwiGLU FFN elsewhere; optional tied
-input/output embeddings.
+input/output embeddings. With ``model.dense`` set (a dense baseline, Fan et al. 2024) the MoE
+FFNs are dense SwiGLU FFNs of width k F or E F instead and the model has no MoE layers: routing
+statistics and metrics are then absent.
 
 Legend: B batch, S sequence positions, D d_model, H heads, Dh head dim, V vocabulary.
 """
@@ -19,7 +21,7 @@ from torch import nn
 from moe_kernels import MoE, MoEConfig, share_router
 from moe_kernels.routers import Router
 from moe_testbed.config import ModelConfig
-from moe_testbed.presets import param_counts
+from moe_testbed.presets import dense_width, param_counts
 
 
 class RMSNorm(nn.Module):
@@ -80,16 +82,18 @@ class DenseFFN(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, m: ModelConfig, moe: MoEConfig, use_moe: bool) -> None:
+    """One block; ``ffn_width`` None gives an MoE FFN, else a dense SwiGLU FFN of that width."""
+
+    def __init__(self, m: ModelConfig, moe: MoEConfig, ffn_width: int | None) -> None:
         super().__init__()
         self.norm1 = RMSNorm(m.d_model, m.norm_eps)
         self.attn = Attention(m)
         self.norm2 = RMSNorm(m.d_model, m.norm_eps)
-        self.use_moe = use_moe
-        if use_moe:
+        self.use_moe = ffn_width is None
+        if self.use_moe:
             self.ffn = MoE.from_config(m.d_model, m.d_ff_expert, moe)
         else:
-            self.ffn = DenseFFN(m.d_model, m.d_ff_dense)
+            self.ffn = DenseFFN(m.d_model, ffn_width)
 
     def forward(self, x, cos, sin, labels_BS, token_ids_BS):
         x = x + self.attn(self.norm1(x), cos, sin)
@@ -110,14 +114,16 @@ class MoETransformer(nn.Module):
             raise ValueError(f"model.vocab_size must be set (> 0), got {m.vocab_size}")
         self.model_config, self.moe_config = m, moe
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
-        self.blocks = nn.ModuleList(Block(m, moe, m.is_moe_layer(i)) for i in range(m.n_layers))
+        dense = dense_width(m, moe)  # a dense baseline replaces the MoE FFNs (m.dense)
+        widths = [(dense if m.is_moe_layer(i) else m.d_ff_dense) for i in range(m.n_layers)]
+        self.blocks = nn.ModuleList(Block(m, moe, w) for w in widths)
         self.norm = RMSNorm(m.d_model, m.norm_eps)
         self.head = None if m.tie_embeddings else nn.Linear(m.d_model, m.vocab_size, bias=False)
         cos, sin = rope_tables(m.seq_len, m.d_model // m.n_heads, m.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._init_dense_weights()
-        if moe.router == "shared_router":
+        if moe.router == "shared_router" and self.moe_layers():
             share_router(self)
 
     def _init_dense_weights(self) -> None:

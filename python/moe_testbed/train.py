@@ -71,6 +71,8 @@ class Trainer:
         allow_config_change: bool = False,
     ) -> None:
         validate(cfg)  # every field, and what the run needs from this machine: before any work
+        if cfg.model.dense != "none":  # a dense baseline: no routing to count or probe
+            cfg.train.stats = cfg.train.probes = False
         self.cfg, self.rank, self.world = cfg, *init_dist(cfg.train.dist_timeout)
         self.device = pick_device(cfg, self.rank)
         self.run_dir = RunDir(out)
@@ -253,6 +255,8 @@ class Trainer:
             "grad_norm": float(getattr(self, "last_grad_norm", float("nan"))),
             "aux_loss": aux_loss,
         }
+        if not self.raw.moe_layers():  # a dense baseline has no aux loss, not a zero one
+            del rec["aux_loss"]
         self.loss_sum.zero_()
         self.loss_count = 0
         # Balance is logged at micro-batch and global-batch scope whatever the training scope
@@ -446,7 +450,7 @@ class Trainer:
             n["active"] += (self.ep.size - 1) * shard
         t, m = self.cfg.train, self.cfg.model
         print(
-            f"moe-testbed: preset={self.cfg.preset} router={self.cfg.moe.router} "
+            f"moe-testbed: preset={self.cfg.preset} dense={m.dense} router={self.cfg.moe.router} "
             f"balance={self.cfg.moe.balance} scope={self.cfg.moe.scope} "
             f"E={self.cfg.moe.num_experts} k={self.cfg.moe.top_k}\n"
             f"  params: total {n['total'] / 1e6:.2f}M, active {n['active'] / 1e6:.2f}M per token; "

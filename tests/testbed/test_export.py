@@ -66,6 +66,9 @@ def test_unexportable_settings_are_all_named():
         export_family(m, default_moe(score="sigmoid", balance="aux_free"))
     with pytest.raises(ValueError, match="activation='gelu'"):
         export_family(m, default_moe(activation="gelu"))
+    dense = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=2, dense="equal_active")
+    with pytest.raises(ValueError, match="model.dense='equal_active'"):
+        export_family(dense, default_moe())
 
 
 def test_export_run_loads_with_its_tokenizer(sample_run, sample_export):
