@@ -153,15 +153,21 @@ def add_report_subcommands(subparsers: Any) -> None:
     )
     e.add_argument("run_dir", help="run directory (config.json, checkpoints/)")
     e.add_argument(
-        "--eval-tokens", type=int, default=None,
+        "--eval-tokens",
+        type=int,
+        default=None,
         help="validation tokens per domain (default: the run's data.eval_tokens)",
     )
     e.add_argument(
-        "--permutations", type=int, default=200,
+        "--permutations",
+        type=int,
+        default=200,
         help="domain-label shuffles of the permutation null (default 200)",
     )
     e.add_argument(
-        "--floor-draws", type=int, default=8,
+        "--floor-draws",
+        type=int,
+        default=8,
         help="random linear routers of the representation floor (default 8; 0 = none)",
     )
     e.add_argument("--device", default="auto", help="torch device; auto = GPU if any")

@@ -457,8 +457,11 @@ def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -
         "Run comparison",
         [f"<p>{html.escape(note)}</p>", _html_table(header, body)]
         + [f"<p>{html.escape(n)}</p>" for n in notes]
-        + (["<h2>Against chance</h2>" + _html_table(chance_header, chance_body)]
-           if chance_body else [])
+        + (
+            ["<h2>Against chance</h2>" + _html_table(chance_header, chance_body)]
+            if chance_body
+            else []
+        )
         + [_img_tag(p) for p in images],
     )
     html_path = out / "compare.html"

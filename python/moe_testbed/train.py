@@ -426,8 +426,9 @@ class Trainer:
                 if curves:
                     atomic_write_json(self.run_dir.path / "saturation.json", curves)
             if t.eval_every and self.rank == 0 and self.ep is None:  # expert parallel: evaluate
-                record = evaluation.evaluation_record(self.raw, self.cfg, self.data, self.device,
-                                                      self.step, progress=t.progress)
+                record = evaluation.evaluation_record(
+                    self.raw, self.cfg, self.data, self.device, self.step, progress=t.progress
+                )
                 atomic_write_json(self.run_dir.path / evaluation.EVALUATION_FILE, record)
         finally:
             self.log.close()
