@@ -82,7 +82,7 @@ class _Raising(argparse.ArgumentParser):
 
 def train_parser() -> argparse.ArgumentParser:
     """A parser holding exactly ``moe-testbed train``'s config flags."""
-    from moe_testbed.config import add_config_flags
+    from moe_testbed.flags import add_config_flags
 
     p = _Raising(prog="train", add_help=False, exit_on_error=False)
     add_config_flags(p)
@@ -156,7 +156,8 @@ def check_flags(flags: dict[str, Any], where: str, parser: argparse.ArgumentPars
     """Parse ``flags`` as ``moe-testbed train`` would and validate the resulting config
     (without looking at this machine); returns the ``RunConfig``. Raises GridError naming
     ``where`` and the flag."""
-    from moe_testbed.config import ConfigError, flag, resolve
+    from moe_testbed.config import ConfigError, flag
+    from moe_testbed.flags import resolve
 
     try:
         ns = parser.parse_args(flag_args(flags))
