@@ -25,6 +25,10 @@ from moe_kernels.ops import (
     topk_gating,
 )
 
+from moe_kernels._first_use import install as _install_first_use_check
+
+_install_first_use_check()
+
 __version__ = "0.1.0"
 
 
