@@ -10,14 +10,17 @@ the next backend in the order. The verdict is kept, so later calls pay one dict 
 
 ``MOE_KERNELS_SELFCHECK``: ``1`` (default) the quick cases, ``full`` more shapes, ``0`` off.
 
-The check never runs inside a traced or captured region: under torch.compile tracing selection
-skips it entirely (the traced code is what it was without it), and while a CUDA graph is being
-captured the backend is used unchecked, with a one-time note, and checked at the next call
-outside the capture. Fake or meta tensors (export, shape propagation) are never checked either.
+The check never runs inside a traced or captured region. Under torch.compile, Dynamo calls the
+verdict natively while tracing (``_select.first_use_verdict`` is marked as having a constant
+result), so the check runs before the op is traced, on real tensors, and the graph holds nothing
+of it. Under a dispatch mode (fake tensors, make_fx tracing, e.g. AOTAutograd tracing a
+backward) or while a CUDA graph is being captured, the backend is used unchecked, with a one-time
+note, and checked at the next call outside; meta tensors are never checked.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 
@@ -57,39 +60,45 @@ def mode() -> str:
     return "quick"
 
 
-def _reference(backends: list[S.Backend]) -> S.Backend:
-    return S.by_name(backends, "reference")
+def _family_backends(family: str) -> list[S.Backend]:
+    return importlib.import_module(f"moe_kernels.ops.{family}").BACKENDS
 
 
-def _untraceable(device: torch.device) -> bool:
-    """Whether the current point cannot run a check: a CUDA graph capture on ``device``'s
-    current stream."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+def _cannot_run_here(device: torch.device) -> str | None:
+    """Why no check can run at this point (None: it can): a dispatch mode is active (fake
+    tensors, make_fx tracing), or a CUDA graph is being captured on the current stream."""
+    if torch._C._len_torch_dispatch_stack() > 0:
+        return "under a tracing or fake-tensor mode"
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return "inside a CUDA graph capture"
+    return None
 
 
-def check(family: str, backend: S.Backend, backends: list[S.Backend], dtype, device):
-    """``_select.first_use_check``: True (usable), False (failed: warned, bypassed from now on)
-    or None (not checked now: ask again at the next call)."""
+def check(family: str, name: str, dtype, device):
+    """``_select.first_use_check`` for backend ``name`` of op family ``family``: True (usable),
+    False (failed: warned, bypassed from now on) or None (not checked now: ask again later)."""
     how = mode()
     if how == "off":
         return True
     if device.type == "meta":
         return None
-    if _untraceable(device):
-        key = ("capture", family, backend.name, dtype, device)
+    why = _cannot_run_here(device)
+    if why:
+        key = ("skipped", family, name, dtype, device)
         if key not in _noted:
             _noted.add(key)
             warnings.warn(
-                f"moe_kernels: the {backend.name} backend of {family} ({dtype}, {device}) is used "
-                "unchecked inside a CUDA graph capture; its first-use self-check runs at the "
-                "next call outside a capture (or run `python -m moe_kernels.selfcheck` first).",
+                f"moe_kernels: the {name} backend of {family} ({dtype}, {device}) is used "
+                f"unchecked {why}; its first-use self-check runs at the next call outside it "
+                "(or run `python -m moe_kernels.selfcheck` first).",
                 SelfCheckWarning,
                 stacklevel=4,
             )
         return None
-    rows = C.check_backend(
-        family, backend, _reference(backends), dtype, device, full=how == "full"
-    )
+    backends = _family_backends(family)
+    backend = S.by_name(backends, name)
+    reference = S.by_name(backends, "reference")
+    rows = C.check_backend(family, backend, reference, dtype, device, full=how == "full")
     bad = [r for r in rows if not r.ok]
     if not bad:
         return True
@@ -97,7 +106,7 @@ def check(family: str, backend: S.Backend, backends: list[S.Backend], dtype, dev
     err = "an exception" if first.max_err is None else f"max abs error {first.max_err:.3g}"
     dev = f"{device.type}:{device.index}" if device.index is not None else device.type
     warnings.warn(
-        f"moe_kernels: the {backend.name} backend of {family} failed its first-use self-check "
+        f"moe_kernels: the {name} backend of {family} failed its first-use self-check "
         f"for {dtype} on {device} ({len(bad)} of {len(rows)} checks; first: {first.op} on "
         f"{first.shape}: {err}, tolerance {first.tol}; {first.verdict}). It is bypassed for "
         f"{family} in {dtype} on {device} for the rest of this process: the next backend in the "

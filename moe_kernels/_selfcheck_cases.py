@@ -14,8 +14,9 @@ for ids, plans and counts, :mod:`moe_kernels.tolerances` for float outputs.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -84,80 +85,84 @@ def _ids(T, K, E, seed, *, pattern=""):
 
 # ---- cases ---------------------------------------------------------------------------------------
 
+# Per family: the parameter names, then (name, *values) rows of the quick cases and the extra ones
+# of the full set.
+FIELDS = {
+    "topk_gating": ("T", "E", "k", "score", "normalize", "bias", "hot"),
+    "route": ("T", "K", "E", "capacity", "pattern", "drop", "ties"),
+    "dispatch_combine": ("T", "K", "E", "D", "capacity", "pattern"),
+    "grouped_mm": ("sizes", "pad", "D", "F"),
+    "routing_histogram": ("T", "K", "G", "E", "pattern"),
+}
+QUICK = {
+    "topk_gating": [
+        ("T=1", 1, 4, 2, "softmax", True, False, None),
+        ("K=E", 5, 4, 4, "sigmoid", True, False, None),
+        ("one expert", 6, 4, 1, "softmax", False, False, 2),
+        ("bias", 7, 8, 2, "sigmoid", True, True, None),
+    ],
+    "route": [
+        ("T=1", 1, 1, 4, None, "", "position", False),
+        ("empty expert", 8, 2, 4, None, "empty", "position", False),
+        ("K=E", 5, 4, 4, None, "", "position", False),
+        ("one expert", 9, 1, 4, None, "one", "position", False),
+        ("capacity", 9, 2, 4, 3, "", "position", False),
+    ],
+    "dispatch_combine": [
+        ("T=1", 1, 1, 4, 16, None, ""),
+        ("empty expert", 8, 2, 4, 16, None, "empty"),
+        ("K=E", 5, 4, 4, 16, None, ""),
+        ("one expert", 9, 1, 4, 16, None, "one"),
+        ("dropped", 9, 2, 4, 16, 3, ""),
+    ],
+    "grouped_mm": [
+        ("T=1", [0, 1, 0, 0], 0, 16, 24),
+        ("empty expert", [3, 0, 5, 2], 2, 16, 24),
+        ("K=E", [4, 4, 4, 4], 0, 16, 24),
+        ("one expert", [0, 0, 9, 0], 0, 16, 24),
+        ("all empty", [0, 0, 0], 3, 16, 24),
+    ],
+    "routing_histogram": [
+        ("T=1", 1, 1, 3, 4, ""),
+        ("skipped ids", 12, 2, 3, 4, "skip"),
+        ("one expert", 9, 1, 3, 4, "one"),
+    ],
+}
+FULL = {
+    "topk_gating": [
+        ("T=300 E=64", 300, 64, 8, "softmax", True, True, None),
+        ("E=256 k=16", 33, 256, 16, "sigmoid", False, False, None),
+        ("hot E=64", 70, 64, 1, "sigmoid", True, False, 63),
+    ],
+    "route": [
+        ("T=2000 E=64", 2000, 8, 64, None, "", "position", False),
+        ("capacity E=64", 700, 4, 64, 20, "", "position", False),
+        ("capacity 0", 6, 2, 4, 0, "", "position", False),
+    ],
+    "dispatch_combine": [
+        ("T=500 D=264", 500, 4, 16, 264, None, ""),
+        ("dropped E=16", 300, 2, 16, 72, 20, ""),
+    ],
+    "grouped_mm": [
+        ("E=64 D=128", [(7 * e) % 50 if e % 4 else 0 for e in range(64)], 5, 128, 64),
+        ("odd dims", [17, 0, 130], 3, 72, 40),
+        ("big expert", [0, 600, 1, 0], 0, 256, 128),
+    ],
+    "routing_histogram": [("T=4000 E=64", 4000, 8, 7, 64, "skip")],
+}
+# route with float gate weights (its key dtype is then the weights'): score dropping, with ties.
+ROUTE_SCORE = [
+    ("score drop", 9, 2, 4, 3, "", "score", False),
+    ("score drop ties", 8, 2, 4, 2, "", "score", True),
+]
+
 
 def cases(family: str, dtype: torch.dtype, full: bool = False) -> list[Case]:
     """The fixed cases of ``family`` for key dtype ``dtype``."""
-    P = {
-        "topk_gating": [
-            Case("T=1", dict(T=1, E=4, k=2, score="softmax", normalize=True, bias=False, hot=None)),
-            Case("K=E", dict(T=5, E=4, k=4, score="sigmoid", normalize=True, bias=False, hot=None)),
-            Case("one expert", dict(T=6, E=4, k=1, score="softmax", normalize=False, bias=False,
-                                    hot=2)),
-            Case("bias", dict(T=7, E=8, k=2, score="sigmoid", normalize=True, bias=True, hot=None)),
-        ],
-        "route": [
-            Case("T=1", dict(T=1, K=1, E=4, capacity=None, pattern="")),
-            Case("empty expert", dict(T=8, K=2, E=4, capacity=None, pattern="empty")),
-            Case("K=E", dict(T=5, K=4, E=4, capacity=None, pattern="")),
-            Case("one expert", dict(T=9, K=1, E=4, capacity=None, pattern="one")),
-            Case("capacity", dict(T=9, K=2, E=4, capacity=3, pattern="")),
-        ],
-        "dispatch_combine": [
-            Case("T=1", dict(T=1, K=1, E=4, D=16, capacity=None, pattern="")),
-            Case("empty expert", dict(T=8, K=2, E=4, D=16, capacity=None, pattern="empty")),
-            Case("K=E", dict(T=5, K=4, E=4, D=16, capacity=None, pattern="")),
-            Case("one expert", dict(T=9, K=1, E=4, D=16, capacity=None, pattern="one")),
-            Case("dropped", dict(T=9, K=2, E=4, D=16, capacity=3, pattern="")),
-        ],
-        "grouped_mm": [
-            Case("T=1", dict(sizes=[0, 1, 0, 0], pad=0, D=16, F=24)),
-            Case("empty expert", dict(sizes=[3, 0, 5, 2], pad=2, D=16, F=24)),
-            Case("K=E", dict(sizes=[4, 4, 4, 4], pad=0, D=16, F=24)),
-            Case("one expert", dict(sizes=[0, 0, 9, 0], pad=0, D=16, F=24)),
-            Case("all empty", dict(sizes=[0, 0, 0], pad=3, D=16, F=24)),
-        ],
-        "routing_histogram": [
-            Case("T=1", dict(T=1, K=1, G=3, E=4, pattern="")),
-            Case("skipped ids", dict(T=12, K=2, G=3, E=4, pattern="skip")),
-            Case("one expert", dict(T=9, K=1, G=3, E=4, pattern="one")),
-        ],
-    }[family]
-    if full:
-        P = P + {
-            "topk_gating": [
-                Case("T=300 E=64", dict(T=300, E=64, k=8, score="softmax", normalize=True,
-                                        bias=True, hot=None)),
-                Case("E=256 k=16", dict(T=33, E=256, k=16, score="sigmoid", normalize=False,
-                                        bias=False, hot=None)),
-                Case("hot E=64", dict(T=70, E=64, k=1, score="sigmoid", normalize=True,
-                                      bias=False, hot=63)),
-            ],
-            "route": [
-                Case("T=2000 E=64", dict(T=2000, K=8, E=64, capacity=None, pattern="")),
-                Case("capacity E=64", dict(T=700, K=4, E=64, capacity=20, pattern="")),
-                Case("capacity 0", dict(T=6, K=2, E=4, capacity=0, pattern="")),
-            ],
-            "dispatch_combine": [
-                Case("T=500 D=264", dict(T=500, K=4, E=16, D=264, capacity=None, pattern="")),
-                Case("dropped E=16", dict(T=300, K=2, E=16, D=72, capacity=20, pattern="")),
-            ],
-            "grouped_mm": [
-                Case("E=64 D=128", dict(sizes=[(7 * e) % 50 if e % 4 else 0 for e in range(64)],
-                                        pad=5, D=128, F=64)),
-                Case("odd dims", dict(sizes=[17, 0, 130], pad=3, D=72, F=40)),
-                Case("big expert", dict(sizes=[0, 600, 1, 0], pad=0, D=256, F=128)),
-            ],
-            "routing_histogram": [
-                Case("T=4000 E=64", dict(T=4000, K=8, G=7, E=64, pattern="skip")),
-            ],
-        }[family]
+    rows = QUICK[family] + (FULL[family] if full else [])
     if family == "route" and dtype.is_floating_point:
-        P = P + [
-            Case("score drop", dict(T=9, K=2, E=4, capacity=3, pattern="", drop="score")),
-            Case("score drop ties", dict(T=8, K=2, E=4, capacity=2, pattern="", drop="score",
-                                         ties=True)),
-        ]
-    return P
+        rows = rows + ROUTE_SCORE
+    return [Case(r[0], dict(zip(FIELDS[family], r[1:]))) for r in rows]
 
 
 # ---- per family: the selection inputs of a case, and its rows -------------------------------
@@ -199,7 +204,7 @@ def _route_inputs(p, dtype, device):
     experts = _ids(T, K, E, seed=T + 17 * K, pattern=p["pattern"]).to(device)
     weights = None
     if dtype.is_floating_point:
-        if p.get("ties"):  # equal weights within each token: ties broken by slot order
+        if p["ties"]:  # equal weights within each token: ties broken by slot order
             weights = torch.full((T, K), 0.5, dtype=dtype)
         else:
             weights = torch.rand(T, K, generator=_gen(T), dtype=torch.float64).to(dtype)
@@ -211,7 +216,7 @@ def _run_route(b, ref, p, dtype, device, timed):
     experts, weights = _route_inputs(p, dtype, device)
     E = p["E"]
     cap = -1 if p["capacity"] is None else p["capacity"]
-    drop = p.get("drop", "position")
+    drop = p["drop"]
     if S._reasons(b, dict(experts=experts, weights=weights, num_experts=E), forced=True):
         return None
     out, ms = timed(lambda: b.forward(experts, E, cap, weights, drop))
@@ -298,8 +303,13 @@ def _run_histogram(b, ref, p, dtype, device, timed):
     out_ref, out_w_ref = start.clone(), torch.ones(G, E, dtype=torch.float64, device=device)
     ref.forward(experts, labels, out_ref, weights.double(), out_w_ref)
     red = T * K
-    return [("routing_histogram", [(out, out_ref, EXACT), (out_w, out_w_ref,
-                                                           tolerance(torch.float32, red))], ms)]
+    return [
+        (
+            "routing_histogram",
+            [(out, out_ref, EXACT), (out_w, out_w_ref, tolerance(torch.float32, red))],
+            ms,
+        )
+    ]
 
 
 RUNNERS: dict[str, Callable] = {
@@ -380,13 +390,16 @@ def declined(family: str, backend: S.Backend, dtype, device) -> str | None:
         inputs = dict(experts=experts, weights=weights, num_experts=p["E"])
     elif family == "dispatch_combine":
         x = torch.zeros(2, 16, dtype=dtype, device=device)
-        inputs = dict(x=x, weights=torch.zeros(2, 1, dtype=S.weight_dtype_for(dtype),
-                                                device=device))
+        inputs = dict(
+            x=x, weights=torch.zeros(2, 1, dtype=S.weight_dtype_for(dtype), device=device)
+        )
     elif family == "grouped_mm":
         x = torch.zeros(2, 16, dtype=dtype, device=device)
         inputs = dict(x=x, w=torch.zeros(2, 16, 24, dtype=dtype, device=device))
     else:
-        inputs = dict(experts=torch.zeros(1, 1, dtype=torch.int32, device=device),
-                      out=torch.zeros(1, 1, dtype=torch.int64, device=device))
+        inputs = dict(
+            experts=torch.zeros(1, 1, dtype=torch.int32, device=device),
+            out=torch.zeros(1, 1, dtype=torch.int64, device=device),
+        )
     reasons = S._reasons(backend, inputs, forced=True)
     return "; ".join(reasons) if reasons else None

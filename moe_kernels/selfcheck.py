@@ -162,8 +162,10 @@ def main(argv=None) -> int:
     failed = [r for r in rows if not r.ok]
     shown = failed if args.quiet else rows
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"moe_kernels self-check on {device} ({name}), torch {torch.__version__}, "
-          f"{'full' if args.full else 'quick'} cases")
+    print(
+        f"moe_kernels self-check on {device} ({name}), torch {torch.__version__}, "
+        f"{'full' if args.full else 'quick'} cases"
+    )
     print(format_table(shown))
     by_backend: dict[tuple, list[str]] = {}
     for family, b, dtype, why in skipped:

@@ -27,8 +27,8 @@ First-use self-check: the first time automatic selection picks a ``cuda`` or ``t
 for an (op family, dtype, device) in a process, ``moe_kernels._first_use`` runs it on small fixed
 inputs against the reference; a backend that fails is skipped for that key from then on (the
 next backend in the order is taken). A backend named with ``backend=`` is never checked or
-skipped. After the first call per key the check costs one dict lookup; under torch.compile
-tracing it is skipped entirely (see ``_passes_first_use``).
+skipped. After the first call per key the check costs one dict lookup; torch.compile runs it
+natively while tracing, outside the graph (see ``first_use_verdict``).
 
 This module imports no other module of moe_kernels (only the compiled ``moe_kernels._C`` and the
 leaf ``moe_kernels.tolerances``): the op modules and the Triton backends
@@ -163,50 +163,62 @@ OP_FAMILIES = {
 FIRST_USE_CHECKED = ("cuda", "triton")
 
 # Installed by moe_kernels._first_use when moe_kernels is imported: called as
-# ``first_use_check(family, backend, backends, dtype, device) -> bool`` (True: usable) the first
-# time automatic selection picks a checked backend for a (family, dtype, device); its answer is
-# kept in ``first_use_verdicts`` for the rest of the process (None: not decided, ask again).
+# ``first_use_check(family, backend_name, dtype, device) -> bool | None`` (True: usable) the first
+# time automatic selection picks a checked backend for a (family, dtype, device); a True or False
+# answer is kept in ``first_use_verdicts`` for the rest of the process (None: not decided now,
+# the backend is used and asked about again at the next call).
 first_use_check = None
 first_use_verdicts: dict[tuple, bool] = {}
 
 
-def _key_tensor(inputs: dict[str, Any]) -> torch.Tensor | None:
-    """The tensor whose dtype and device name a self-check: the first float input, else the first
-    tensor (integer ids for route and routing_histogram)."""
-    first = None
-    for v in inputs.values():
-        if isinstance(v, torch.Tensor):
-            if v.is_floating_point():
-                return v
-            if first is None:
-                first = v
-    return first
-
-
-def _passes_first_use(op: str, backend: Backend, backends: list[Backend], inputs) -> bool:
+def _passes_first_use(op: str, backend: Backend, inputs: dict[str, Any]) -> bool:
     """Whether ``backend`` passed (or need not take) its first-use self-check for these inputs'
-    (family, dtype, device). After the first call for a key this is one dict lookup; under
-    torch.compile tracing it is a constant True (nothing is looked up or traced)."""
+    (family, dtype, device). The key tensor: the first float input, else the first tensor
+    (integer ids for route and routing_histogram). Selection inputs are tensors, None or ints;
+    this runs on every automatic selection, so it avoids isinstance on torch.Tensor."""
     flag = backend.first_use_check
     if not (backend.name in FIRST_USE_CHECKED if flag is None else flag):
         return True
-    if torch.compiler.is_compiling():
-        return True
-    t = _key_tensor(inputs)
+    t = None
+    for v in inputs.values():
+        if v is None or v.__class__ is int:
+            continue
+        if v.dtype.is_floating_point:
+            t = v
+            break
+        if t is None:
+            t = v
     if t is None:
         return True
     family = OP_FAMILIES.get(op, op)
-    key = (family, backend.name, t.dtype, t.device)
+    return first_use_verdict(family, backend.name, t.dtype, t.is_cuda, t.get_device())
+
+
+def first_use_verdict(family: str, name: str, dtype: torch.dtype, cuda: bool, index: int) -> bool:
+    """The kept verdict of backend ``name`` of ``family`` for ``dtype`` on the device (CUDA device
+    ``index``, or the CPU), running the check the first time. After that, one dict lookup (the
+    key holds no torch.device: reading and hashing one costs more than the rest of selection).
+
+    torch.compile does not trace into this function: it is marked as having a constant result
+    (what ``torch.compiler.assume_constant_result`` does, without importing torch._dynamo with
+    moe_kernels), so Dynamo calls it once, natively, with the constant arguments while tracing,
+    and bakes the answer into the graph: the check runs before the op is traced, outside the
+    graph, and the compiled code contains nothing of it."""
+    key = (family, name, dtype, cuda, index)
     verdict = first_use_verdicts.get(key)
     if verdict is not None:
         return verdict
     if first_use_check is None:
         return True
-    verdict = first_use_check(family, backend, backends, t.dtype, t.device)
-    if verdict is not None:
-        first_use_verdicts[key] = verdict
-        return verdict
-    return True
+    device = torch.device("cuda", index) if cuda else torch.device("cpu")
+    verdict = first_use_check(family, name, dtype, device)
+    if verdict is None:
+        return True
+    first_use_verdicts[key] = verdict
+    return verdict
+
+
+first_use_verdict._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 # ---- selection ---------------------------------------------------------------------------------
@@ -252,7 +264,7 @@ def select(op: str, backends: list[Backend], forced: str | None, **inputs: Any) 
     report = []
     for b in chosen:
         reasons = _reasons(b, inputs, forced=forced is not None)
-        if not reasons and (forced is not None or _passes_first_use(op, b, backends, inputs)):
+        if not reasons and (forced is not None or _passes_first_use(op, b, inputs)):
             return b
         if not reasons:
             reasons = ["failed its first-use self-check in this process (warned then)"]
