@@ -116,8 +116,11 @@ env_info() {
   echo "date: $(date -u +%FT%TZ); cores: $(nproc); smoke: $SMOKE; gpu: $GPU; arch: ${ARCH:-none}"
   command -v nvidia-smi >/dev/null && nvidia-smi -L
   command -v nvcc >/dev/null && nvcc --version | tail -n 2
-  "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
-  "$PY" -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo "triton: not installed"
+  "$PY" -c "
+import importlib.util as u, sys, torch
+t = __import__('triton').__version__ if u.find_spec('triton') else 'not installed'
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda,
+      'triton', t)"
 }
 export GPU ARCH
 export -f env_info
@@ -184,7 +187,7 @@ bench() {
   local name=$1 budget=$2 t0 left last=0 done_shapes=() cut=() shape args rc=0
   t0=$(date +%s)
   if [ $SMOKE -eq 1 ] || [ $GPU -eq 0 ]; then
-    args=(--smoke --device cpu --routing uniform --tokens 64)
+    args=(--smoke --device cpu --routing uniform --tokens 32 --backends auto)
     [ "$name" = layer_gpu ] && args+=(--baselines torch_grouped_mm --passes fwd)
     timeout --kill-after=5 "$budget" "$PY" -m "benchmarks.$name" --shapes olmoe "${args[@]}" \
       --json "$TMP/$name.olmoe.json" || rc=1
