@@ -14,8 +14,9 @@ The check never runs inside a traced or captured region. Under torch.compile, Dy
 verdict natively while tracing (``_select.first_use_verdict`` is marked as having a constant
 result), so the check runs before the op is traced, on real tensors, and the graph holds nothing
 of it. Under a dispatch mode (fake tensors, make_fx tracing, e.g. AOTAutograd tracing a
-backward) or while a CUDA graph is being captured, the backend is used unchecked, with a one-time
-note, and checked at the next call outside; meta tensors are never checked.
+backward), while a CUDA graph is being captured or while ``torch.cuda.set_sync_debug_mode`` is
+on, the backend is used unchecked, with a one-time note, and checked at the next call outside;
+meta tensors are never checked.
 """
 
 from __future__ import annotations
@@ -66,11 +67,15 @@ def _family_backends(family: str) -> list[S.Backend]:
 
 def _cannot_run_here(device: torch.device) -> str | None:
     """Why no check can run at this point (None: it can): a dispatch mode is active (fake
-    tensors, make_fx tracing), or a CUDA graph is being captured on the current stream."""
+    tensors, make_fx tracing), a CUDA graph is being captured on the current stream, or CUDA
+    synchronisations are being reported (the check's comparisons synchronise)."""
     if torch._C._len_torch_dispatch_stack() > 0:
         return "under a tracing or fake-tensor mode"
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return "inside a CUDA graph capture"
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return "inside a CUDA graph capture"
+        if torch.cuda.get_sync_debug_mode() != 0:
+            return "while torch.cuda.set_sync_debug_mode is on (the check synchronises)"
     return None
 
 
