@@ -44,8 +44,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--full", action="store_true", help="add larger and odd shapes to the cases (seconds on a GPU; many minutes through "
-        "Triton's interpreter on CPU)")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="add larger and odd shapes to the cases (seconds on a GPU; many minutes through "
+        "Triton's interpreter on CPU)",
+    )
     p.add_argument(
         "--device",
         default=None,
