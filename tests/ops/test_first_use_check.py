@@ -250,3 +250,30 @@ def test_check_adds_nothing_to_later_calls(register, monkeypatch):
     checked, unchecked = per_call(checked_list), per_call(unchecked_list)
     print(f"select: {checked * 1e6:.2f} us checked, {unchecked * 1e6:.2f} us unchecked")
     assert checked - unchecked < 20e-6
+
+
+@pytest.mark.gpu
+def test_gpu_backends_pass_their_first_use_check(monkeypatch):
+    """On a GPU: each op's automatically selected backend (cuda, else triton) passes its check,
+    with no warning, and its verdict is kept."""
+    monkeypatch.setattr(S, "first_use_verdicts", {})
+    monkeypatch.setenv("MOE_KERNELS_SELFCHECK", "full")
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 8, generator=g).to(dev)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", _first_use.SelfCheckWarning)
+        w, e = mk.topk_gating(logits, 2)
+        plan = mk.route(e, 8)
+        x = torch.randn(64, 32, generator=g).to(dev, torch.bfloat16)
+        rows = mk.dispatch(x, plan, weights_TK=w)
+        y = mk.grouped_mm(rows, torch.randn(8, 32, 16).to(dev, torch.bfloat16), plan.offsets_E1)
+        mk.combine(y, w, plan)
+        mk.routing_histogram(
+            e,
+            torch.zeros(64, dtype=torch.long, device=dev),
+            torch.zeros(1, 8, dtype=torch.long, device=dev),
+        )
+    families = {k[0] for k, v in S.first_use_verdicts.items() if v}
+    assert families >= {"topk_gating", "route", "dispatch_combine", "grouped_mm"}
+    assert all(S.first_use_verdicts.values())
