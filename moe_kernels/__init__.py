@@ -11,6 +11,7 @@ any routing decision), ``moe_kernels.routers`` (one class per router kind), ``Mo
 from __future__ import annotations
 
 from moe_kernels import stats
+from moe_kernels._first_use import install as _install_first_use_check
 from moe_kernels.config import MoEConfig
 from moe_kernels.experts import GroupedExperts
 from moe_kernels.layer import MoE, aux_losses, share_router, update_routers
@@ -24,6 +25,8 @@ from moe_kernels.ops import (
     routing_histogram,
     topk_gating,
 )
+
+_install_first_use_check()
 
 __version__ = "0.1.0"
 

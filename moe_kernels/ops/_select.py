@@ -23,17 +23,28 @@ takes ``forced``: whether it was asked for by name. The first backend with no re
 every backend with its reasons. Reasons look only at metadata (device, dtype, shape), never at
 data, so selection needs no host synchronisation and is traced by ``torch.compile``.
 
-This module imports no other module of moe_kernels (only the compiled ``moe_kernels._C``): the
-op modules and the Triton backends (``moe_kernels.triton.families``) import it.
+First-use self-check: the first time automatic selection picks a ``cuda`` or ``triton`` backend
+for an (op family, dtype, device) in a process, ``moe_kernels._first_use`` runs it on small fixed
+inputs against the reference; a backend that fails is skipped for that key from then on (the
+next backend in the order is taken). A backend named with ``backend=`` is never checked or
+skipped. After the first call per key the check costs one dict lookup; torch.compile runs it
+natively while tracing, outside the graph (see ``first_use_verdict``).
+
+This module imports no other module of moe_kernels (only the compiled ``moe_kernels._C`` and the
+leaf ``moe_kernels.tolerances``): the op modules and the Triton backends
+(``moe_kernels.triton.families``) import it.
 """
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+# Re-exported: the per-dtype tolerances live in moe_kernels.tolerances (which imports nothing of
+# moe_kernels), shared by the tests and the self-checks.
+from moe_kernels.tolerances import DEFAULT_TOLERANCES, Tolerance  # noqa: F401
 
 try:
     import moe_kernels._C as _C
@@ -56,21 +67,6 @@ class NoBackendError(RuntimeError):
     backend with its reasons."""
 
 
-@dataclass(frozen=True)
-class Tolerance:
-    atol: float
-    rtol: float
-
-
-# Per-dtype tolerances for float outputs compared with the fp32/fp64 reference.
-DEFAULT_TOLERANCES = {
-    torch.float64: Tolerance(1e-10, 1e-8),
-    torch.float32: Tolerance(1e-5, 1e-5),
-    torch.bfloat16: Tolerance(2e-2, 2e-2),
-    torch.float16: Tolerance(2e-3, 2e-3),
-}
-
-
 class Backend:
     """One implementation of an op family. Subclasses set ``name``, implement the family's ops
     and define ``not_supported_reasons(self, <the family's selection arguments>) -> list[str]``
@@ -82,6 +78,9 @@ class Backend:
     # passes ``forced=True`` (asked for by name) or ``forced=False`` (automatic selection) to its
     # not_supported_reasons. The Triton backend uses it for CPU tensors (its slow interpreter).
     takes_forced = False
+    # Whether automatic selection runs this backend's first-use self-check before relying on it
+    # (see ``first_use_check`` below); None: only the GPU backends, named "cuda" or "triton".
+    first_use_check: bool | None = None
 
 
 class CpuKernels(Backend):
@@ -148,6 +147,81 @@ def cuda_stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
+# ---- first-use self-check ----------------------------------------------------------------------
+
+# Op name (as passed to select) -> op family (the module of moe_kernels.ops that owns the list).
+OP_FAMILIES = {
+    "topk_gating": "topk_gating",
+    "topk_gating_backward": "topk_gating",
+    "route": "route",
+    "dispatch": "dispatch_combine",
+    "combine": "dispatch_combine",
+    "weight_grad": "dispatch_combine",
+    "grouped_mm": "grouped_mm",
+    "grouped_mm_dw": "grouped_mm",
+    "routing_histogram": "routing_histogram",
+}
+FIRST_USE_CHECKED = ("cuda", "triton")
+
+# Installed by moe_kernels._first_use when moe_kernels is imported: called as
+# ``first_use_check(family, backend_name, dtype, device) -> bool | None`` (True: usable) the first
+# time automatic selection picks a checked backend for a (family, dtype, device); a True or False
+# answer is kept in ``first_use_verdicts`` for the rest of the process (None: not decided now,
+# the backend is used and asked about again at the next call).
+first_use_check = None
+first_use_verdicts: dict[tuple, bool] = {}
+
+
+def _passes_first_use(op: str, backend: Backend, inputs: dict[str, Any]) -> bool:
+    """Whether ``backend`` passed (or need not take) its first-use self-check for these inputs'
+    (family, dtype, device). The key tensor: the first float input, else the first tensor
+    (integer ids for route and routing_histogram). Selection inputs are tensors, None or ints;
+    this runs on every automatic selection, so it avoids isinstance on torch.Tensor."""
+    flag = backend.first_use_check
+    if not (backend.name in FIRST_USE_CHECKED if flag is None else flag):
+        return True
+    t = None
+    for v in inputs.values():
+        if v is None or v.__class__ is int:
+            continue
+        if v.dtype.is_floating_point:
+            t = v
+            break
+        if t is None:
+            t = v
+    if t is None:
+        return True
+    family = OP_FAMILIES.get(op, op)
+    return first_use_verdict(family, backend.name, t.dtype, t.is_cuda, t.get_device())
+
+
+def first_use_verdict(family: str, name: str, dtype: torch.dtype, cuda: bool, index: int) -> bool:
+    """The kept verdict of backend ``name`` of ``family`` for ``dtype`` on the device (CUDA device
+    ``index``, or the CPU), running the check the first time. After that, one dict lookup (the
+    key holds no torch.device: reading and hashing one costs more than the rest of selection).
+
+    torch.compile does not trace into this function: it is marked as having a constant result
+    (what ``torch.compiler.assume_constant_result`` does, without importing torch._dynamo with
+    moe_kernels), so Dynamo calls it once, natively, with the constant arguments while tracing,
+    and bakes the answer into the graph: the check runs before the op is traced, outside the
+    graph, and the compiled code contains nothing of it."""
+    key = (family, name, dtype, cuda, index)
+    verdict = first_use_verdicts.get(key)
+    if verdict is not None:
+        return verdict
+    if first_use_check is None:
+        return True
+    device = torch.device("cuda", index) if cuda else torch.device("cpu")
+    verdict = first_use_check(family, name, dtype, device)
+    if verdict is None:
+        return True
+    first_use_verdicts[key] = verdict
+    return verdict
+
+
+first_use_verdict._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 # ---- selection ---------------------------------------------------------------------------------
 
 
@@ -191,8 +265,10 @@ def select(op: str, backends: list[Backend], forced: str | None, **inputs: Any) 
     report = []
     for b in chosen:
         reasons = _reasons(b, inputs, forced=forced is not None)
-        if not reasons:
+        if not reasons and (forced is not None or _passes_first_use(op, b, inputs)):
             return b
+        if not reasons:
+            reasons = ["failed its first-use self-check in this process (warned then)"]
         report.append(f"  {b.name}: " + "; ".join(reasons))
     shown = [f"  {name}: {describe(value)}" for name, value in inputs.items()]
     raise NoBackendError(

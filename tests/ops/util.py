@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.ops._select import DEFAULT_TOLERANCES
+from moe_kernels.tolerances import DEFAULT_TOLERANCES
 
 # Backends runnable on this machine for float ops; the reference is what they are checked against.
 CPU_BACKENDS = ["cpu", "reference"]

@@ -6,12 +6,10 @@ tests (never at module level), where conftest.py has set TRITON_INTERPRET on CPU
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from moe_kernels.ops._select import DEFAULT_TOLERANCES
+from moe_kernels.tolerances import tolerance
 from moe_kernels.triton import families
 
 # The kernels run where the tests can run them: on the GPU, or on CPU through Triton's
@@ -25,14 +23,14 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 
 def assert_close(actual, expected, dtype, what="", *, reduction=None):
-    """Compare with the per-dtype tolerance of moe_kernels.ops._select.
+    """Compare with the per-dtype tolerance of moe_kernels.tolerances.
 
     ``reduction``: for GEMM outputs, the length of the dot products. Each output is then a sum of
     ``reduction`` products of unit-scale values, so its magnitude, and the accumulation error on
     it (random-sign rounding errors add up like a random walk), grow like sqrt(reduction): the
     absolute tolerance is scaled by that factor and the relative one kept."""
-    tol = DEFAULT_TOLERANCES[dtype]
-    atol = tol.atol * (math.sqrt(reduction) if reduction else 1.0)
+    tol = tolerance(dtype, reduction)
+    atol = tol.atol
     actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
     err = (actual - expected).abs()
     if err.numel():
