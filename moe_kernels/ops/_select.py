@@ -382,8 +382,13 @@ _VALID = "_moe_kernels_valid_version"
 
 
 def reads_data(t: torch.Tensor) -> bool:
-    """Whether a data check may read ``t``: a CPU tensor, outside torch.compile tracing."""
-    return t.is_cpu and not torch.compiler.is_compiling()
+    """Whether a data check may read ``t``: a CPU tensor, outside torch.compile tracing and any
+    dispatch mode (fake tensors, make_fx), where values cannot be read."""
+    return (
+        not torch.compiler.is_compiling()  # first: nothing of ``t`` enters a traced graph
+        and torch._C._len_torch_dispatch_stack() == 0
+        and t.is_cpu
+    )
 
 
 def mark_valid(*tensors: torch.Tensor) -> None:
