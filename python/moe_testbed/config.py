@@ -71,14 +71,9 @@ class ModelConfig:
 
 
 def default_moe(**overrides: Any) -> MoEConfig:
-    """The testbed's ``MoEConfig``: the layer's defaults except ``scope="global_batch"``.
-
-    The testbed balances over the whole optimizer step by default: one micro-batch holds only a
-    few domains, and balancing each micro-batch on its own pushes every domain onto every
-    expert, which suppresses the specialization the testbed measures (``docs/ROUTING.md``,
-    "Balancing scope"). The layer keeps ``micro_batch`` as its own default because a layer used
-    alone knows nothing of the optimizer step. ``overrides`` set any other field.
-    """
+    """The testbed's ``MoEConfig``: the layer's defaults except ``scope="global_batch"`` (one
+    micro-batch holds few domains, and balancing it alone suppresses the specialization the
+    testbed measures: ``docs/ROUTING.md``, "Balancing scope"); ``overrides`` set other fields."""
     return MoEConfig(**{"scope": "global_batch", **overrides})
 
 
