@@ -1,17 +1,22 @@
-"""Training-step time of a preset with routing statistics on vs off, and tokens/s.
+"""Training-step time of a preset with routing statistics on vs off, and against the dense
+baseline of equal active parameters (the MoE FFNs replaced by SwiGLU FFNs of width k*F), in
+tokens/s.
 
-    python -m benchmarks.train_cpu [--preset tiny] [--steps 30] [--repeats 5]
+    python -m benchmarks.train_cpu [--preset tiny] [--steps 30] [--repeats 5] [--compile]
 
 One step = forward + cross-entropy + aux losses, backward, AdamW step, update_routers; with
 statistics on, the MoE layers record counts every forward and the host reads them every 10
 steps as the trainer does. On and off alternate in blocks of ``--steps`` steps, ``--repeats``
-times, and the medians are compared, so drifting machine load hits both alike. CPU timings use
+times, and the medians are compared, so drifting machine load hits both alike; the dense baseline
+runs in the same alternation. The MoE/dense ratio is the share of the dense model's throughput
+the MoE model reaches at the same active parameters (1.0 = routing costs nothing). CPU timings use
 the host clock (synchronous execution); on CUDA the clock is read after a device synchronize.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -32,7 +37,7 @@ def _sync(device: torch.device) -> None:
 
 
 def time_block(model, opt, batches, device, with_stats: bool) -> float:
-    """Seconds per step over ``batches``."""
+    """Seconds per step over ``batches`` (``with_stats`` is ignored for a dense model)."""
     if with_stats:
         stats.enable(model, num_labels=8)
     else:
@@ -59,6 +64,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -66,6 +72,10 @@ def main() -> None:
     m.vocab_size = args.vocab
     model = MoETransformer(m, default_moe()).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    dense = MoETransformer(dataclasses.replace(m, dense="equal_active"), default_moe()).to(device)
+    dense_opt = torch.optim.AdamW(dense.parameters(), lr=1e-3)
+    if args.compile:
+        model, dense = torch.compile(model), torch.compile(dense)
     batches = [
         (
             torch.randint(0, args.vocab, (args.batch, m.seq_len + 1), device=device),
@@ -73,26 +83,35 @@ def main() -> None:
         )
         for _ in range(args.steps)
     ]
-    time_block(model, opt, batches[:3], device, True)  # warm-up
-    on, off = [], []
+    time_block(model, opt, batches[:3], device, True)  # warm-up (and compilation)
+    time_block(dense, dense_opt, batches[:3], device, False)
+    on, off, den = [], [], []
     for _ in range(args.repeats):
         off.append(time_block(model, opt, batches, device, False))
         on.append(time_block(model, opt, batches, device, True))
-    t_on, t_off = statistics.median(on), statistics.median(off)
+        den.append(time_block(dense, dense_opt, batches, device, False))
+    t_on, t_off, t_den = statistics.median(on), statistics.median(off), statistics.median(den)
     tokens = args.batch * m.seq_len
-    n = model.num_params()
+    n, nd = _counts(model), _counts(dense)
     print(
         f"preset {args.preset}: {n['total'] / 1e6:.2f}M params ({n['active'] / 1e6:.2f}M active), "
-        f"{tokens} tokens/step, device {device}, threads {torch.get_num_threads()}"
+        f"dense equal_active {nd['total'] / 1e6:.2f}M; {tokens} tokens/step, device {device}, "
+        f"threads {torch.get_num_threads()}, compile {args.compile}"
     )
-    print(f"{'statistics':12s} {'ms/step':>9s} {'tokens/s':>10s}")
-    print(f"{'off':12s} {t_off * 1e3:9.1f} {tokens / t_off:10,.0f}")
-    print(f"{'on':12s} {t_on * 1e3:9.1f} {tokens / t_on:10,.0f}")
+    print(f"{'model':24s} {'ms/step':>9s} {'tokens/s':>10s}")
+    print(f"{'MoE, statistics off':24s} {t_off * 1e3:9.1f} {tokens / t_off:10,.0f}")
+    print(f"{'MoE, statistics on':24s} {t_on * 1e3:9.1f} {tokens / t_on:10,.0f}")
+    print(f"{'dense equal_active':24s} {t_den * 1e3:9.1f} {tokens / t_den:10,.0f}")
+    print(f"MoE (statistics on) / dense tokens/s: {t_den / t_on:.2f}")
     print(
         f"statistics overhead: {100 * (t_on / t_off - 1):+.2f}% (median of {args.repeats} "
         f"blocks of {args.steps} steps; spread off {min(off) * 1e3:.1f}-{max(off) * 1e3:.1f} ms, "
         f"on {min(on) * 1e3:.1f}-{max(on) * 1e3:.1f} ms)"
     )
+
+
+def _counts(model) -> dict:
+    return getattr(model, "_orig_mod", model).num_params()
 
 
 if __name__ == "__main__":
