@@ -109,3 +109,19 @@ def compare_table(groups: dict[str, list[dict[str, Any]]]) -> tuple[list[str], l
             [label] + [mean_std([v[c] for v in per_run if c in v]) for c, _, _ in COMPARE_COLUMNS]
         )
     return header, body
+
+
+def corrected(evaluation: dict[str, Any] | None, metric: str = "specialization_score") -> dict:
+    """``{"corrected", "step0", "floor"}`` (each chance-corrected) of ``metric`` for one run;
+    empty without evaluation."""
+    m = (evaluation or {}).get("metrics", {}).get(metric, {})
+    out = {}
+    for key, field in (
+        ("corrected", "corrected"),
+        ("step0", "step0_corrected"),
+        ("floor", "floor_corrected"),
+    ):
+        v = m.get(field)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            out[key] = float(v)
+    return out

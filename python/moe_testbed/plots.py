@@ -196,3 +196,48 @@ def plot_overlay(groups, curve: str, path: Path, ylabel: str, title: str) -> Pat
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_chance(groups: dict[str, list[dict[str, float]]], path: Path) -> Path | None:
+    """Chance-corrected specialization per group of seeds: a bar at the mean with the sample
+    std as error bar, the step-0 value (o) and the representation floor (|), both corrected.
+    ``groups``: label -> one dict per seed with ``corrected``, ``step0`` and ``floor`` (any of
+    them may be missing). None when no group has a corrected score."""
+    rows = [(k, v) for k, v in groups.items() if any("corrected" in r for r in v)]
+    if not rows:
+        return None
+
+    def stat(runs: list[dict[str, float]], key: str) -> tuple[float, float]:
+        vals = [r[key] for r in runs if key in r and np.isfinite(r[key])]
+        if not vals:
+            return float("nan"), 0.0
+        return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+
+    fig = Figure(figsize=(7.5, 0.45 * len(rows) + 1.4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    y = np.arange(len(rows))[::-1]
+    mean_sd = [stat(r, "corrected") for _, r in rows]
+    ax.barh(
+        y,
+        [m for m, _ in mean_sd],
+        xerr=[s for _, s in mean_sd],
+        color="#7aa6c2",
+        capsize=3,
+        label="trained (mean ± std over seeds)",
+    )
+    ax.plot([stat(r, "step0")[0] for _, r in rows], y, "o", color="black", label="step 0")
+    ax.plot(
+        [stat(r, "floor")[0] for _, r in rows],
+        y,
+        "|",
+        color="#c0392b",
+        markersize=14,
+        markeredgewidth=2,
+        label="representation floor",
+    )
+    ax.set_yticks(y, [f"{k} (n={len(v)})" for k, v in rows], fontsize=8)
+    ax.axvline(0, color="grey", linewidth=0.8)
+    ax.set_xlabel("chance-corrected specialization score (0 = chance, 1 = reference)")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=3)
+    return _save(fig, path)

@@ -46,7 +46,7 @@ from moe_kernels.tables import format_value, markdown_table
 from moe_testbed import chance_report, metrics, plots
 from moe_testbed import logging as names
 from moe_testbed.evaluation import read_evaluation
-from moe_testbed.rundir import RunDir, last_values
+from moe_testbed.rundir import RunDir, atomic_write_bytes, last_values
 from moe_testbed.runstart import previous_runs
 
 __all__ = ["make_report", "compare", "counts_summary"]
@@ -242,7 +242,7 @@ def make_report(run_dir: str | os.PathLike) -> list[Path]:
     sections.append("<h2>Plots</h2>" + "".join(_img_tag(p) for p in images))
     sections.append(f"<h2>Config</h2><pre>{html.escape(config_text)}</pre>")
     html_path = out / "report.html"
-    html_path.write_text(_html_page(f"MoE routing report: {title}", sections), encoding="utf-8")
+    atomic_write_bytes(html_path, _html_page(f"MoE routing report: {title}", sections).encode())
 
     md = [f"# MoE routing report: {title}\n", f"Run directory: `{rd.path.resolve()}`  \n"]
     md.append(f"{len(records)} metric records; {counts_note}.\n\n## Final logged values\n\n")
@@ -257,7 +257,7 @@ def make_report(run_dir: str | os.PathLike) -> list[Path]:
         md.append("\n#" + verdict)  # its "# Paradigm verdict" becomes a section
     md.append("\n## Plots\n\n" + "".join(f"![{p.stem}]({p.name})\n" for p in images))
     md_path = out / "summary.md"
-    md_path.write_text("".join(md), encoding="utf-8")
+    atomic_write_bytes(md_path, "".join(md).encode())
     return images + [html_path, md_path]
 
 
@@ -424,12 +424,15 @@ def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -
         if chance_body
         else ""
     )
-    md_path.write_text(
-        f"# Run comparison\n\n{note}\n\n"
-        + markdown_table(header, body)
-        + "\n"
-        + md_notes
-        + chance_md
+    atomic_write_bytes(
+        md_path,
+        (
+            f"# Run comparison\n\n{note}\n\n"
+            + markdown_table(header, body)
+            + "\n"
+            + md_notes
+            + chance_md
+        ).encode(),
     )
     paths = [md_path]
     curves = [
@@ -443,6 +446,15 @@ def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -
         ),
     ]
     images = []
+    chance_png = plots.plot_chance(
+        {
+            label: [chance_report.corrected(r.get("evaluation")) for r in runs]
+            for label, runs in labelled.items()
+        },
+        out / "compare_chance.png",
+    )
+    if chance_png is not None:
+        images.append(chance_png)
     for curve, name, ylabel, title in curves:
         if curve == _VAL_LOSS and not any(
             _VAL_LOSS in r["curves"] for g in labelled.values() for r in g
@@ -465,5 +477,5 @@ def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -
         + [_img_tag(p) for p in images],
     )
     html_path = out / "compare.html"
-    html_path.write_text(page, encoding="utf-8")
+    atomic_write_bytes(html_path, page.encode("utf-8"))
     return paths + [html_path] + images

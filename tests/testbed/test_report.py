@@ -307,3 +307,33 @@ def test_overlay_draws_a_std_band_per_group_of_seeds(tmp_path, monkeypatch):
     mean, std = finals.mean(axis=0), finals.std(axis=0, ddof=1)
     np.testing.assert_allclose(low, mean - std)
     np.testing.assert_allclose(high, mean + std)
+
+
+def test_chance_plot_draws_groups_with_a_corrected_score_only(tmp_path):
+    from moe_testbed import plots
+
+    assert plots.plot_chance({"a": [{}], "b": [{"floor": 0.2}]}, tmp_path / "x.png") is None
+    assert not (tmp_path / "x.png").exists()
+    groups = {
+        "global": [{"corrected": 0.3, "step0": 0.02, "floor": 0.3}, {"corrected": 0.25}],
+        "sequence": [{"corrected": 0.1, "step0": 0.02, "floor": 0.3}],
+        "no evaluation": [{}],
+    }
+    path = plots.plot_chance(groups, tmp_path / "chance.png")
+    assert path == tmp_path / "chance.png" and path.stat().st_size > 1000
+
+
+def test_corrected_reads_the_three_corrected_values():
+    from moe_testbed import chance_report
+
+    ev = {
+        "metrics": {
+            "specialization_score": {
+                "corrected": 0.3,
+                "step0_corrected": 0.01,
+                "floor_corrected": float("nan"),
+            }
+        }
+    }
+    assert chance_report.corrected(ev) == {"corrected": 0.3, "step0": 0.01}
+    assert chance_report.corrected(None) == {}
