@@ -1,0 +1,88 @@
+"""The compact tables and figures of docs/RESULTS.md from sweep run directories.
+
+    python docs/results/tables.py OUT.png RUN_DIR... [--label-from NAME=LABEL ...]
+
+Runs are grouped by their directory name without the ``-seedN`` suffix (the sweep's naming);
+per group it prints one Markdown row of mean ± sample std over seeds: validation loss,
+utilization and drop rate of the final evaluation (``metrics.jsonl``), and from
+``evaluation.json`` the chance-corrected specialization score, NMI and purity, the step-0
+value and the representation floor (both corrected). It writes the chance plot of
+``moe_testbed.plots.plot_chance`` to OUT.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from moe_testbed import chance_report, plots
+from moe_testbed.evaluation import read_evaluation
+from moe_testbed.rundir import read_metrics
+
+COLUMNS = [
+    ("val loss", "loss"),
+    ("utilization", "utilization"),
+    ("drop rate", "drop"),
+    ("spec corrected", "corrected"),
+    ("NMI corrected", "nmi"),
+    ("purity corrected", "purity"),
+    ("spec step 0", "step0"),
+    ("spec floor", "floor"),
+]
+
+
+def run_values(run_dir: Path) -> dict[str, float]:
+    ev = read_evaluation(run_dir) or {}
+    val = [r for r in read_metrics(run_dir) if "val/loss" in r]
+    last = val[-1] if val else {}
+    out = {
+        "loss": ev.get("val_loss", last.get("val/loss")),
+        "utilization": last.get("val/all/utilization"),
+        "drop": last.get("val/all/drop_rate"),
+        **chance_report.corrected(ev),
+    }
+    for metric in ("nmi", "purity"):
+        v = ev.get("metrics", {}).get(metric, {}).get("corrected")
+        out[metric] = v
+    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def _ms(vals: list[float]) -> str:
+    if not vals:
+        return "—"
+    if len(vals) == 1:
+        return f"{vals[0]:.3f}"
+    return f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("png", type=Path, help="where to write the chance plot")
+    p.add_argument("run_dirs", nargs="+", type=Path)
+    p.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="NAME=LABEL",
+        help="show group NAME (directory name without -seedN) as LABEL",
+    )
+    args = p.parse_args()
+    labels = dict(s.split("=", 1) for s in args.label)
+    groups: dict[str, list[dict[str, float]]] = {}
+    for d in args.run_dirs:
+        name = re.sub(r"-seed\d+$", "", d.name)
+        groups.setdefault(labels.get(name, name), []).append(run_values(d))
+    print("| run | n | " + " | ".join(c for c, _ in COLUMNS) + " |")
+    print("|---|---|" + "---|" * len(COLUMNS))
+    for label, runs in groups.items():
+        cells = [_ms([r[k] for r in runs if k in r]) for _, k in COLUMNS]
+        print(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
+    plots.plot_chance(groups, args.png)
+
+
+if __name__ == "__main__":
+    main()
