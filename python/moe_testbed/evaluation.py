@@ -224,16 +224,15 @@ def evaluate_model(
     )
     num_domains = len(data.domains)
     loss = run.domain_loss(num_domains)
+    metrics = {}  # a dense baseline routes nothing: no routing metrics, not zeros
+    if layers:
+        metrics = chance_record(
+            run, num_domains, router=cfg.moe.router, permutations=permutations, seed=cfg.train.seed
+        )
     return {
         "val_loss": float(np.mean(loss)),
         "val_loss_by_domain": dict(zip(data.domains, loss)),
-        "metrics": chance_record(
-            run,
-            num_domains,
-            router=cfg.moe.router,
-            permutations=permutations,
-            seed=cfg.train.seed,
-        ),
+        "metrics": metrics,
     }
 
 

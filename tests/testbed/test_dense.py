@@ -74,6 +74,8 @@ def test_dense_run_writes_metrics_and_report(tiny_cfg, tmp_path):
     assert "loss" in keys and "val/loss" in keys
     routing = [k for k in keys if "layer" in k or "max_violation" in k or k == "aux_loss"]
     assert routing == []  # absent, not zero
+    ev = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    assert ev["val_loss"] > 0 and ev["metrics"] == {}  # validation loss, no routing metrics
     paths = report.make_report(tmp_path / "run")
     assert any(p.name == "summary.md" for p in paths)
 
