@@ -53,7 +53,6 @@ def error_text(err: BaseException) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from moe_testbed.cpuload import warn_if_oversubscribed
     from moe_testbed.sinks import require_tensorboard
     from moe_testbed.train import train
 
@@ -70,7 +69,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         except ImportError as e:
             print(f"moe-testbed train: {e}", file=sys.stderr)
             return 2
-    warn_if_oversubscribed()
     out = args.out or f"runs/{cfg.preset}-{cfg.moe.router}-{cfg.moe.balance}-{cfg.moe.scope}"
     train(cfg, out, resume=not args.no_resume, allow_config_change=args.allow_config_change)
     return 0

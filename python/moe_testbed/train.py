@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from moe_kernels import aux_losses, parallel, stats, update_routers
-from moe_testbed import checkpoint, evaluation, metrics, probes, runstart, sinks
+from moe_testbed import checkpoint, cpuload, evaluation, metrics, probes, runstart, sinks
 from moe_testbed import logging as names
 from moe_testbed.config import RunConfig, save, validate
 from moe_testbed.model import route_experts
@@ -462,6 +462,8 @@ class Trainer:
             f"domains {len(self.data.domains)}; out {self.run_dir.path}",
             flush=True,
         )
+        if self.device.type == "cpu":  # once the run holds its directory and starts
+            cpuload.warn_if_oversubscribed()
 
 
 def train(

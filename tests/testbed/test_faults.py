@@ -25,7 +25,7 @@ BUDGET_S = 180.0
 SMALL = [
     *("--data-dir", "synthetic", "--vocab-size", "256", "--d-model", "32", "--n-layers", "2"),
     *("--n-heads", "2", "--d-ff-expert", "32", "--seq-len", "16", "--micro-batch-size", "4"),
-    *("--eval-batches", "1", "--no-progress", "--no-probes", "--log-every", "2"),
+    *("--eval-tokens", "64", "--eval-batch-size", "4", "--no-progress", "--no-probes", "--log-every", "2"),
 ]
 RUN = ["--steps", "16", "--eval-every", "8", "--ckpt-every", "4"]
 # The same command with every rename onto a checkpoint file slowed down, so that a kill can
@@ -131,7 +131,9 @@ def test_kills_at_random_moments_and_inside_checkpoint_writes_then_resume(tmp_pa
     assert _wait_for(_holds_lock(ref, proc), proc), proc.stderr.read()
     t0 = time.time()
     assert proc.wait() == 0, proc.stderr.read()
-    training = time.time() - t0  # from the lock (the run has started) to the end
+    # From the lock (the run has started) to its last checkpoint: kills land in training, not
+    # in the final evaluation that follows it (a run killed there resumes at its last step).
+    training = (ref / "checkpoints" / "last.pt").stat().st_mtime - t0
     rng = random.Random(20240611)
     kills, stale, deadline = 0, 0, time.time() + BUDGET_S
     while kills < MAX_KILLS and time.time() < deadline:
@@ -149,12 +151,15 @@ def test_kills_at_random_moments_and_inside_checkpoint_writes_then_resume(tmp_pa
         kills += 1
         stale += bool(_tmp_files(run))
     assert kills >= 2 and stale >= 1, (kills, stale)
+    resumable = any((run / "checkpoints" / n).exists() for n in ("last.pt", "previous.pt"))
     done = _run(*RUN, "--out", str(run))
     assert done.returncode == 0, done.stderr
     _assert_same_run(ref, run)
     assert _tmp_files(run) == []  # stale temporary files were removed at start
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
-    assert history[0]["event"] == "start" and history[-1]["event"] == "resume"
+    # the last kill may land before the first checkpoint: then the final run starts over
+    assert history[0]["event"] == "start"
+    assert history[-1]["event"] == ("resume" if resumable else "start")
 
 
 def test_a_second_writer_is_refused_at_once_with_the_holders_pid(tmp_path):

@@ -39,7 +39,7 @@ base:
   d-ff-expert: 32
   seq-len: 16
   num-experts: 4
-  eval-batches: 1
+  eval-tokens: 64
   micro-batch-size: 4
   steps: {steps}
   warmup-steps: 1

@@ -38,8 +38,8 @@ SMALL = [
     "16",
     "--micro-batch-size",
     "4",
-    "--eval-batches",
-    "1",
+    "--eval-tokens",
+    "64",
     "--no-progress",
 ]
 
@@ -86,7 +86,7 @@ def _tiny_cfg(**train_fields) -> RunConfig:
         vocab_size=128, d_model=32, n_layers=2, n_heads=2, d_ff_expert=32, seq_len=16
     ).items():
         setattr(cfg.model, key, value)
-    cfg.data.data_dir, cfg.data.eval_batches = "synthetic", 1
+    cfg.data.data_dir, cfg.data.eval_tokens = "synthetic", 64
     cfg.train.micro_batch_size, cfg.train.progress, cfg.train.probes = 4, False, False
     for key, value in train_fields.items():
         setattr(cfg.train, key, value)
@@ -143,7 +143,7 @@ def test_short_run_in_process(tmp_path):
         setattr(cfg.model, key, value)
     cfg.moe.router, cfg.moe.num_groups = "reference", None  # groups from the 8 domains
     cfg.moe.num_experts, cfg.moe.top_k = 8, 1
-    cfg.data.data_dir, cfg.data.eval_batches = "synthetic", 1
+    cfg.data.data_dir, cfg.data.eval_tokens = "synthetic", 64
     t = cfg.train
     t.steps, t.micro_batch_size, t.grad_accum, t.log_every, t.eval_every = 6, 4, 2, 2, 3
     t.ckpt_every, t.progress = 3, False
