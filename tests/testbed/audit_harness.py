@@ -28,7 +28,8 @@ Outcome = tuple[str, str]  # (class, detail)
 SMALL = [
     *("--data-dir", "synthetic", "--vocab-size", "256", "--d-model", "32", "--n-layers", "2"),
     *("--n-heads", "2", "--d-ff-expert", "32", "--seq-len", "16", "--micro-batch-size", "4"),
-    *("--eval-tokens", "64", "--eval-batch-size", "4", "--no-progress", "--no-probes", "--log-every", "1"),
+    *("--eval-tokens", "64", "--eval-batch-size", "4", "--no-progress", "--no-probes"),
+    *("--log-every", "1"),
 ]
 
 

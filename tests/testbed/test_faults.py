@@ -25,7 +25,8 @@ BUDGET_S = 180.0
 SMALL = [
     *("--data-dir", "synthetic", "--vocab-size", "256", "--d-model", "32", "--n-layers", "2"),
     *("--n-heads", "2", "--d-ff-expert", "32", "--seq-len", "16", "--micro-batch-size", "4"),
-    *("--eval-tokens", "64", "--eval-batch-size", "4", "--no-progress", "--no-probes", "--log-every", "2"),
+    *("--eval-tokens", "64", "--eval-batch-size", "4", "--no-progress", "--no-probes"),
+    *("--log-every", "2"),
 ]
 RUN = ["--steps", "16", "--eval-every", "8", "--ckpt-every", "4"]
 # The same command with every rename onto a checkpoint file slowed down, so that a kill can

@@ -33,7 +33,8 @@ from moe_testbed.runstart import RunDirError
 ARGS = [
     "--data-dir", "synthetic", "--vocab-size", "256", "--d-model", "32", "--n-layers", "2",
     "--n-heads", "2", "--d-ff-expert", "32", "--seq-len", "16", "--micro-batch-size", "4",
-    "--eval-tokens", "64", "--eval-batch-size", "4", "--no-progress", "--steps", "12", "--log-every", "2",
+    "--eval-tokens", "64", "--eval-batch-size", "4", "--no-progress",
+    "--steps", "12", "--log-every", "2",
     "--eval-every", "6", "--ckpt-every", "4", "--scope", "micro_batch",
     "--capacity-factor", "1.25", "--dist-timeout", "60",
 ]  # fmt: skip
