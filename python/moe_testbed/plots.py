@@ -239,5 +239,5 @@ def plot_chance(groups: dict[str, list[dict[str, float]]], path: Path) -> Path |
     ax.set_yticks(y, [f"{k} (n={len(v)})" for k, v in rows], fontsize=8)
     ax.axvline(0, color="grey", linewidth=0.8)
     ax.set_xlabel("chance-corrected specialization score (0 = chance, 1 = reference)")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=3)
+    ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
     return _save(fig, path)
