@@ -28,10 +28,12 @@ against their standard errors on the validation set, not across seeds. The same 
 that random linear routers on the trained hidden states reach about 0.30: the reading places
 each learned run against that floor too.
 
-Time: each run takes about 160 s on an idle two-core machine (200 steps, then the evaluation
+Time: each run takes 160–175 s on an idle two-core machine (200 steps, then the evaluation
 against chance: the trained and the step-0 model on 8192 tokens per domain, 8 random routers,
-200 permutations), about 11 minutes for the four (measured; over the 5-minute aim, which
-needs a cheaper evaluation or fewer steps); ``--steps`` trades time for training length.
+200 permutations), 11–12 minutes for the four (measured; over the 5-minute aim, which needs a
+cheaper evaluation or fewer steps); ``--steps`` trades time for training length. A measured
+run printed: reference 1.000, hash 0.021, learned sequence 0.147 ± 0.004, learned global
+0.251 ± 0.007 (chance-corrected), with the reading "Balancing scope matters here".
 """
 
 from __future__ import annotations
