@@ -60,25 +60,10 @@ def machine_line(info: dict) -> str:
 
 
 def write_json_atomic(path, obj) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically: a temporary file in the same directory,
-    flushed and fsync'ed, then renamed over ``path`` (a reader never sees a partial file)."""
-    import json
-    import tempfile
+    """Write ``obj`` as JSON to ``path`` atomically (``moe_kernels.selfcheck``'s writer)."""
+    from moe_kernels.selfcheck import write_json_atomic as write
 
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write(path, obj)
 
 
 def versions() -> dict:

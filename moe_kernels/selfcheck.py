@@ -130,12 +130,15 @@ def format_table(rows: list[C.Row]) -> str:
     return "\n".join(out)
 
 
-def write_json_atomic(path: str, obj) -> None:
+def write_json_atomic(path, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically: a temporary file in the same directory,
+    flushed and fsync'ed, then renamed over ``path`` (a reader never sees a partial file)."""
+    path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
+            json.dump(obj, f, indent=1, default=str)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
