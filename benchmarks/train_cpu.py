@@ -37,7 +37,7 @@ def _sync(device: torch.device) -> None:
 
 
 def time_block(model, opt, batches, device, with_stats: bool) -> float:
-    """Seconds per step over ``batches`` (``with_stats`` is ignored for a dense model)."""
+    """Seconds per step over ``batches``; ``with_stats`` must be False for a dense model."""
     if with_stats:
         stats.enable(model, num_labels=8)
     else:
@@ -65,6 +65,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also profile N steps of each model (torch.profiler) and print where the MoE "
+        "model's extra time goes: self CPU time per op, MoE minus dense",
+    )
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -107,6 +115,47 @@ def main() -> None:
         f"statistics overhead: {100 * (t_on / t_off - 1):+.2f}% (median of {args.repeats} "
         f"blocks of {args.steps} steps; spread off {min(off) * 1e3:.1f}-{max(off) * 1e3:.1f} ms, "
         f"on {min(on) * 1e3:.1f}-{max(on) * 1e3:.1f} ms)"
+    )
+    if args.profile:
+        moe_ops = profile_ops(model, opt, batches[: args.profile], device, True)
+        dense_ops = profile_ops(dense, dense_opt, batches[: args.profile], device, False)
+        print_profile(moe_ops, dense_ops, args.profile)
+
+
+def profile_ops(model, opt, batches, device, with_stats: bool) -> dict[str, float]:
+    """Self CPU milliseconds per step by op name over ``batches``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        time_block(model, opt, batches, device, with_stats)
+    return {
+        e.key: e.self_cpu_time_total / 1e3 / len(batches) for e in prof.key_averages()
+    }
+
+
+def print_profile(moe: dict[str, float], dense: dict[str, float], steps: int, top: int = 15):
+    """The ops whose self time differs most between the MoE and the dense model, per step."""
+    names = set(moe) | set(dense)
+    diff = sorted(names, key=lambda k: -(moe.get(k, 0.0) - dense.get(k, 0.0)))
+    total_m, total_d = sum(moe.values()), sum(dense.values())
+    print(
+        f"profile ({steps} steps, statistics on): self CPU time per step, MoE {total_m:.1f} ms, "
+        f"dense {total_d:.1f} ms (profiler overhead included)"
+    )
+    print(f"{'op':48s} {'MoE ms':>8s} {'dense ms':>9s} {'extra':>8s}")
+    for k in diff[:top]:
+        m, d = moe.get(k, 0.0), dense.get(k, 0.0)
+        print(f"{k[:48]:48s} {m:8.2f} {d:9.2f} {m - d:+8.2f}")
+    print(f"{'op':48s} {'MoE ms':>8s} {'dense ms':>9s} {'extra':>8s}   (largest in either)")
+    for k in sorted(names, key=lambda k: -max(moe.get(k, 0.0), dense.get(k, 0.0)))[:top]:
+        m, d = moe.get(k, 0.0), dense.get(k, 0.0)
+        print(f"{k[:48]:48s} {m:8.2f} {d:9.2f} {m - d:+8.2f}")
+    ours = sum(v for k, v in moe.items() if k.startswith("moe_kernels::"))
+    only = {k: v for k, v in moe.items() if k not in dense}
+    print(
+        f"all moe_kernels:: ops (self time): {ours:.2f} ms per step; ops the dense model does "
+        f"not run at all (routing, dispatch, combine, their backward and wrappers): "
+        f"{sum(only.values()):.2f} ms per step in {len(only)} op kinds"
     )
 
 

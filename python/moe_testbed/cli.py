@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train four tiny models on the built-in sample (reference and hash routers, "
         "the learned router balanced per sequence and over the global batch), write the "
         "comparison and print the chance-corrected specialization table with a plain-language "
-        "reading. About 12 minutes on two idle CPU cores.",
+        "reading. About 4 minutes on two idle CPU cores.",
     )
     demo.add_argument("--out", default="runs/demo", help="parent directory of the four runs")
     demo.add_argument("--steps", type=int, default=None, help="optimizer steps per run (>= 1)")

@@ -35,11 +35,10 @@ import torch
 from moe_kernels import MoEConfig
 
 
-def _field(default: Any, help: str, choices: tuple | None = None) -> Any:
-    metadata: dict[str, Any] = {"help": help}
-    if choices is not None:
-        metadata["choices"] = tuple(choices)
-    return field(default=default, metadata=metadata)
+def _field(default: Any, help: str, choices: tuple | None = None, replaced_by: str = "") -> Any:
+    """A config field; ``replaced_by``: kept only to read old configs (its flag names this)."""
+    metadata = {"help": help, "choices": tuple(choices or ()), "replaced_by": replaced_by}
+    return field(default=default, metadata={k: v for k, v in metadata.items() if v})
 
 
 DENSE = ("none", "equal_active", "equal_total")  # ModelConfig.dense (moe_testbed.presets)
@@ -86,7 +85,7 @@ class DataConfig:
     )
     domains: str | None = _field(None, "comma-separated subset of the corpus's domains; None = all")
     tokenizer_vocab: int = _field(4096, "vocabulary size of the byte-level BPE tokenizer")
-    eval_batches: int = _field(2, "unused (validation size: eval_tokens); read from old configs")
+    eval_batches: int = _field(2, "unused", replaced_by="--eval-tokens (tokens per domain)")
     eval_tokens: int = _field(8192, "validation tokens per domain (windows spread over documents)")
     eval_batch_size: int = _field(16, "sequences per validation batch (domains interleaved)")
     data_seed: int = _field(0, "seed of the document split and tokenizer (not train.seed)")

@@ -28,12 +28,12 @@ against their standard errors on the validation set, not across seeds. The same 
 that random linear routers on the trained hidden states reach about 0.30: the reading places
 each learned run against that floor too.
 
-Time: each run takes 160–175 s on an idle two-core machine (200 steps, then the evaluation
-against chance: the trained and the step-0 model on 8192 tokens per domain, 8 random routers,
-200 permutations), 11–12 minutes for the four (measured; over the 5-minute aim, which needs a
-cheaper evaluation or fewer steps); ``--steps`` trades time for training length. A measured
-run printed: reference 1.000, hash 0.021, learned sequence 0.147 ± 0.004, learned global
-0.251 ± 0.007 (chance-corrected), with the reading "Balancing scope matters here".
+Time: each run takes 52–59 s on an idle two-core machine (200 steps, then about 5 s for the
+evaluation against chance: the trained and the step-0 model on 8192 tokens per domain, 8 random
+routers, 200 permutations), 223 s for the four plus the reports (measured from a fresh clone;
+270 s with the install). ``--steps`` trades time for training length. That run printed:
+reference 1.000, hash 0.021, learned sequence 0.155 ± 0.005, learned global 0.253 ± 0.005
+(chance-corrected), with the reading "Balancing scope matters here".
 """
 
 from __future__ import annotations

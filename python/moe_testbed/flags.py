@@ -81,6 +81,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 choices = f.metadata.get("choices")
                 kw["type"] = _flag_type(tp, _flag(name), choices)
                 kw["metavar"] = "{" + ",".join(map(str, choices)) + "}" if choices else name.upper()
+            if f.metadata.get("replaced_by"):  # refused with a pointer, not listed in --help
+                help_text = argparse.SUPPRESS
             group.add_argument(_flag(name), help=help_text.replace("%", "%%"), **kw)
 
 
@@ -110,6 +112,9 @@ def resolve(args: argparse.Namespace) -> RunConfig:
     for key, value in vars(args).items():
         if "." in key:
             section, name = key.split(".", 1)
+            replaced = _fields(SECTIONS[section])[name][1].metadata.get("replaced_by")
+            if replaced:
+                raise ValueError(f"{_flag(name)}: no longer used; give {replaced} instead")
             flags.setdefault(section, {})[name] = value
     apply_overrides(cfg, flags, origin="flags")
     validate(cfg, resources=False)  # the caller checks the machine (validate)

@@ -194,11 +194,40 @@ def test_jobs_times_threads_never_exceed_the_cores():
 def test_oversubscription_warning_numbers():
     assert cpuload.oversubscription(1, load=0.3, n_cores=2) is None
     text = cpuload.oversubscription(2, load=2.0, n_cores=2)
-    assert "load average 2.0" in text and "2 thread(s) > 2 core(s)" in text
+    assert "other processes use 2.0 core(s)" in text and "2 thread(s) > 2 core(s)" in text
+
+
+def test_others_busy_sees_a_busy_thread_and_not_its_own_work():
+    """others_busy counts other processes' CPU time, not this process's: a busy child process
+    shows up as about one core, this process spinning shows up as none."""
+    import threading
+
+    if cpuload.others_busy(0.05) is None:
+        pytest.skip("/proc/stat not readable here")
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = cpuload.others_busy(0.5)
+    finally:
+        child.kill()
+        child.wait()
+    assert busy is not None and 0.6 <= busy <= cpuload.cores() + 0.1, busy
+
+    def spin():
+        while time.perf_counter() < stop:
+            pass
+
+    before = cpuload.others_busy(0.3)
+    stop = time.perf_counter() + 0.5
+    t = threading.Thread(target=spin)
+    t.start()
+    own = cpuload.others_busy(0.3)
+    t.join()
+    assert own is not None and own < before + 0.6, (before, own)  # own spinning not counted
 
 
 def test_oversubscription_subtracts_sweep_siblings(monkeypatch):
-    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+    monkeypatch.setattr(cpuload, "others_busy", lambda: 1.0)
     monkeypatch.setattr(cpuload, "cores", lambda: 2)
     monkeypatch.delenv(cpuload.SIBLINGS_ENV, raising=False)
     assert cpuload.oversubscription(2) is not None
