@@ -1,6 +1,6 @@
 """The compact tables and figures of docs/RESULTS.md from sweep run directories.
 
-    python docs/results/tables.py OUT.png RUN_DIR... [--label-from NAME=LABEL ...]
+    python docs/results/tables.py OUT.png RUN_DIR... [--label NAME=LABEL ...] [--extra KEY=LABEL]
 
 Runs are grouped by their directory name without the ``-seedN`` suffix (the sweep's naming);
 per group it prints one Markdown row of mean ± sample std over seeds: validation loss,
@@ -35,11 +35,14 @@ COLUMNS = [
 ]
 
 
-def run_values(run_dir: Path) -> dict[str, float]:
+def run_values(run_dir: Path, extra: tuple[str, ...] = ()) -> dict[str, float]:
+    """The COLUMNS values of one run, plus the ``extra`` metrics of its last evaluation record
+    (``metrics.jsonl``, e.g. ``probe/all/ngram_expertise_n1``) under their own names."""
     ev = read_evaluation(run_dir) or {}
     val = [r for r in read_metrics(run_dir) if "val/loss" in r]
     last = val[-1] if val else {}
     out = {
+        **{k: last.get(k) for k in extra},
         "loss": ev.get("val_loss", last.get("val/loss")),
         "utilization": last.get("val/all/utilization"),
         "drop": last.get("val/all/drop_rate"),
@@ -70,16 +73,27 @@ def main() -> None:
         metavar="NAME=LABEL",
         help="show group NAME (directory name without -seedN) as LABEL",
     )
+    p.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="KEY=LABEL",
+        help="one more column: metric KEY of the last evaluation record, headed LABEL",
+    )
     args = p.parse_args()
+    extra = [tuple(s.split("=", 1)) for s in args.extra]
+    columns = COLUMNS + [(label, key) for key, label in extra]
     labels = dict(s.split("=", 1) for s in args.label)
     groups: dict[str, list[dict[str, float]]] = {}
     for d in args.run_dirs:
         name = re.sub(r"-seed\d+$", "", d.name)
-        groups.setdefault(labels.get(name, name), []).append(run_values(d))
-    print("| run | n | " + " | ".join(c for c, _ in COLUMNS) + " |")
-    print("|---|---|" + "---|" * len(COLUMNS))
+        groups.setdefault(labels.get(name, name), []).append(
+            run_values(d, tuple(k for k, _ in extra))
+        )
+    print("| run | n | " + " | ".join(c for c, _ in columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
     for label, runs in groups.items():
-        cells = [_ms([r[k] for r in runs if k in r]) for _, k in COLUMNS]
+        cells = [_ms([r[k] for r in runs if k in r]) for _, k in columns]
         print(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
     plots.plot_chance(groups, args.png)
 

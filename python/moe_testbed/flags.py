@@ -114,7 +114,7 @@ def resolve(args: argparse.Namespace) -> RunConfig:
             section, name = key.split(".", 1)
             replaced = _fields(SECTIONS[section])[name][1].metadata.get("replaced_by")
             if replaced:
-                raise ValueError(f"{_flag(name)}: no longer used; give {replaced} instead")
+                raise ValueError(f"{_flag(name)}: no longer used (got {value}); give {replaced}")
             flags.setdefault(section, {})[name] = value
     apply_overrides(cfg, flags, origin="flags")
     validate(cfg, resources=False)  # the caller checks the machine (validate)

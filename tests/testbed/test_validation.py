@@ -60,7 +60,7 @@ BAD_TRAIN_FLAGS = [
     (["--data-dir", "synthetic", "--domains", "en_lit"], "--domains", "got 'en_lit'"),
     (["--vocab-size", "100"], "--vocab-size", ">= data.tokenizer_vocab (4096), got 100"),
     (["--tokenizer-vocab", "100"], "--tokenizer-vocab", "[512, 65536], got 100"),
-    (["--eval-batches", "4"], "--eval-batches", "no longer used; give --eval-tokens"),
+    (["--eval-batches", "4"], "--eval-batches", "no longer used (got 4); give --eval-tokens"),
     (["--steps", "0"], "--steps", ">= 1, got 0"),
     (["--micro-batch-size", "0"], "--micro-batch-size", "got 0"),
     (["--grad-accum", "-1"], "--grad-accum", "got -1"),
