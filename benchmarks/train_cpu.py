@@ -128,9 +128,7 @@ def profile_ops(model, opt, batches, device, with_stats: bool) -> dict[str, floa
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         time_block(model, opt, batches, device, with_stats)
-    return {
-        e.key: e.self_cpu_time_total / 1e3 / len(batches) for e in prof.key_averages()
-    }
+    return {e.key: e.self_cpu_time_total / 1e3 / len(batches) for e in prof.key_averages()}
 
 
 def print_profile(moe: dict[str, float], dense: dict[str, float], steps: int, top: int = 15):

@@ -37,6 +37,16 @@ def read(runs: Path) -> dict[str, dict[int, dict[str, float]]]:
     return out
 
 
+def preset(runs: Path) -> str:
+    """The preset of the first run in ``runs`` (its ``config.json``), for the column heads."""
+    import json
+
+    for d in sorted(runs.iterdir()):
+        if (d / "config.json").exists():
+            return json.loads((d / "config.json").read_text()).get("preset", d.parent.name)
+    return runs.parent.name
+
+
 def ranks(values: list[float], sign: int) -> np.ndarray:
     """1 = best (lowest ``sign * value``); ties share the mean rank."""
     from scipy.stats import rankdata
@@ -51,8 +61,7 @@ def spearman(a: list[float], b: list[float]) -> float:
 def analyse(small, big, names, key, sign, rng):
     seeds = sorted(set.intersection(*(set(small[n]) & set(big[n]) for n in names)))
     per_seed = [
-        spearman([small[n][s][key] for n in names], [big[n][s][key] for n in names])
-        for s in seeds
+        spearman([small[n][s][key] for n in names], [big[n][s][key] for n in names]) for s in seeds
     ]
     mean_s = [np.mean([small[n][s][key] for s in seeds]) for n in names]
     mean_b = [np.mean([big[n][s][key] for s in seeds]) for n in names]
@@ -73,8 +82,12 @@ def analyse(small, big, names, key, sign, rng):
     }
 
 
+def _sd(vals: list[float]) -> float:
+    return float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+
+
 def _ms(vals: list[float]) -> str:
-    return f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
+    return f"{np.mean(vals):.3f} ± {_sd(vals):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
 
 
 def main() -> None:
@@ -87,6 +100,7 @@ def main() -> None:
     labels = dict(s.split("=", 1) for s in args.label)
     small, big = read(args.small), read(args.big)
     names = [n for n in small if n in big]
+    head_s, head_b = preset(args.small), preset(args.big)
     rng = np.random.default_rng(0)
     import matplotlib
 
@@ -98,7 +112,7 @@ def main() -> None:
         r = analyse(small, big, names, key, sign, rng)
         seeds = r["seeds"]
         print(f"\n{title}: seeds {seeds}\n")
-        print(f"| configuration | {args.small.parent.name} | rank | {args.big.parent.name} | rank |")
+        print(f"| configuration | {head_s} | rank | {head_b} | rank |")
         print("|---|---|---|---|---|")
         for i, n in enumerate(names):
             vs = [small[n][s][key] for s in seeds]
@@ -108,21 +122,30 @@ def main() -> None:
                 f"{r['rank_big'][i]:g} |"
             )
             ax.errorbar(
-                np.mean(vs), np.mean(vb), xerr=np.std(vs, ddof=1), yerr=np.std(vb, ddof=1),
-                fmt="o", capsize=3,
+                np.mean(vs),
+                np.mean(vb),
+                xerr=_sd(vs),
+                yerr=_sd(vb),
+                fmt="o",
+                capsize=3,
             )
-            ax.annotate(labels.get(n, n), (np.mean(vs), np.mean(vb)), fontsize=7,
-                        xytext=(4, 4), textcoords="offset points")
+            ax.annotate(
+                labels.get(n, n),
+                (np.mean(vs), np.mean(vb)),
+                fontsize=7,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
         ps = r["per_seed"]
         lo, hi = r["interval"]
         print(
             f"\nSpearman {title}: per seed {', '.join(f'{v:.2f}' for v in ps)} "
-            f"(mean {np.mean(ps):.2f} ± {np.std(ps, ddof=1) if len(ps) > 1 else 0:.2f}); "
+            f"(mean {np.mean(ps):.2f} ± {_sd(ps):.2f}); "
             f"of the seed means {r['of_means']:.2f}, 95% bootstrap interval [{lo:.2f}, {hi:.2f}]"
         )
         ax.set_title(f"{title}: Spearman {r['of_means']:.2f} [{lo:.2f}, {hi:.2f}]", fontsize=9)
-        ax.set_xlabel(f"{args.small.parent.name} (mean ± std over {len(seeds)} seeds)")
-        ax.set_ylabel(args.big.parent.name)
+        ax.set_xlabel(f"{head_s} (mean ± std over {len(seeds)} seeds)")
+        ax.set_ylabel(head_b)
     fig.tight_layout()
     fig.savefig(args.png, dpi=120)
     print(f"\nwrote {args.png}")
