@@ -54,6 +54,22 @@ def run_values(run_dir: Path, extra: tuple[str, ...] = ()) -> dict[str, float]:
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
+def print_by_domain(run_dirs: list[Path], labels: dict[str, str]) -> None:
+    """One Markdown row per group: validation loss per domain and their mean, ± std over seeds."""
+    groups: dict[str, list[dict[str, float]]] = {}
+    for d in run_dirs:
+        ev = read_evaluation(d) or {}
+        row = dict(ev.get("val_loss_by_domain", {}), mean=ev.get("val_loss", math.nan))
+        name = re.sub(r"-seed\d+$", "", d.name)
+        groups.setdefault(labels.get(name, name), []).append(row)
+    domains = [k for k in next(iter(groups.values()))[0] if k != "mean"] + ["mean"]
+    print("| run | n | " + " | ".join(domains) + " |")
+    print("|---|---|" + "---|" * len(domains))
+    for label, rows in groups.items():
+        cells = [_ms([r[k] for r in rows if k in r]) for k in domains]
+        print(f"| {label} | {len(rows)} | " + " | ".join(cells) + " |")
+
+
 def _ms(vals: list[float]) -> str:
     if not vals:
         return "—"
@@ -80,7 +96,15 @@ def main() -> None:
         metavar="KEY=LABEL",
         help="one more column: metric KEY of the last evaluation record, headed LABEL",
     )
+    p.add_argument(
+        "--by-domain",
+        action="store_true",
+        help="print the validation loss per domain (evaluation.json) instead, and no figure",
+    )
     args = p.parse_args()
+    if args.by_domain:
+        print_by_domain(args.run_dirs, dict(s.split("=", 1) for s in args.label))
+        return
     extra = [tuple(s.split("=", 1)) for s in args.extra]
     columns = COLUMNS + [(label, key) for key, label in extra]
     labels = dict(s.split("=", 1) for s in args.label)
