@@ -140,14 +140,12 @@ def print_profile(moe: dict[str, float], dense: dict[str, float], steps: int, to
         f"profile ({steps} steps, statistics on): self CPU time per step, MoE {total_m:.1f} ms, "
         f"dense {total_d:.1f} ms (profiler overhead included)"
     )
-    print(f"{'op':48s} {'MoE ms':>8s} {'dense ms':>9s} {'extra':>8s}")
-    for k in diff[:top]:
-        m, d = moe.get(k, 0.0), dense.get(k, 0.0)
-        print(f"{k[:48]:48s} {m:8.2f} {d:9.2f} {m - d:+8.2f}")
-    print(f"{'op':48s} {'MoE ms':>8s} {'dense ms':>9s} {'extra':>8s}   (largest in either)")
-    for k in sorted(names, key=lambda k: -max(moe.get(k, 0.0), dense.get(k, 0.0)))[:top]:
-        m, d = moe.get(k, 0.0), dense.get(k, 0.0)
-        print(f"{k[:48]:48s} {m:8.2f} {d:9.2f} {m - d:+8.2f}")
+    largest = sorted(names, key=lambda k: -max(moe.get(k, 0.0), dense.get(k, 0.0)))
+    for keys, title in ((diff, ""), (largest, "   (largest in either)")):
+        print(f"{'op':48s} {'MoE ms':>8s} {'dense ms':>9s} {'extra':>8s}{title}")
+        for k in keys[:top]:
+            m, d = moe.get(k, 0.0), dense.get(k, 0.0)
+            print(f"{k[:48]:48s} {m:8.2f} {d:9.2f} {m - d:+8.2f}")
     ours = sum(v for k, v in moe.items() if k.startswith("moe_kernels::"))
     only = {k: v for k, v in moe.items() if k not in dense}
     print(

@@ -108,13 +108,19 @@ def resolve(args: argparse.Namespace) -> RunConfig:
     apply_overrides(
         cfg, {k: v for k, v in file_d.items() if k != "preset"}, origin=str(args.config)
     )
+    replaced = {
+        f"{section}.{name}": f.metadata["replaced_by"]
+        for section, cls in SECTIONS.items()
+        for name, (_, f) in _fields(cls).items()
+        if f.metadata.get("replaced_by")
+    }
     flags: dict[str, dict[str, Any]] = {}
     for key, value in vars(args).items():
+        if key in replaced:
+            flag = _flag(key.split(".", 1)[1])
+            raise ValueError(f"{flag}: no longer used (got {value}); give {replaced[key]}")
         if "." in key:
             section, name = key.split(".", 1)
-            replaced = _fields(SECTIONS[section])[name][1].metadata.get("replaced_by")
-            if replaced:
-                raise ValueError(f"{_flag(name)}: no longer used (got {value}); give {replaced}")
             flags.setdefault(section, {})[name] = value
     apply_overrides(cfg, flags, origin="flags")
     validate(cfg, resources=False)  # the caller checks the machine (validate)
