@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
-from tables import run_values
+from tables import mean_std, run_values
 
 METRICS = [("val loss", "loss", 1), ("spec corrected", "corrected", -1)]  # sign: lower is better
 RESAMPLES = 2000
@@ -86,10 +86,6 @@ def _sd(vals: list[float]) -> float:
     return float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
 
 
-def _ms(vals: list[float]) -> str:
-    return f"{np.mean(vals):.3f} ± {_sd(vals):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("png", type=Path)
@@ -118,8 +114,8 @@ def main() -> None:
             vs = [small[n][s][key] for s in seeds]
             vb = [big[n][s][key] for s in seeds]
             print(
-                f"| {labels.get(n, n)} | {_ms(vs)} | {r['rank_small'][i]:g} | {_ms(vb)} | "
-                f"{r['rank_big'][i]:g} |"
+                f"| {labels.get(n, n)} | {mean_std(vs)} | {r['rank_small'][i]:g} | "
+                f"{mean_std(vb)} | {r['rank_big'][i]:g} |"
             )
             ax.errorbar(
                 np.mean(vs),

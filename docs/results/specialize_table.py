@@ -15,11 +15,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-
-
-def _ms(vals: list[float]) -> str:
-    sd = f" ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else ""
-    return f"{np.mean(vals):+.3f}{sd}"
+from tables import mean_std
 
 
 def main() -> None:
@@ -37,8 +33,8 @@ def main() -> None:
         share = np.mean([r["trained_fraction"] for r in runs])
         print(
             f"| {domain} | {select} | {len(runs)} | {100 * share:.1f}% | "
-            f"{_ms([r['target_change'] for r in runs])} | "
-            f"{_ms([r['others_change'] for r in runs])} |"
+            f"{mean_std([r['target_change'] for r in runs], '+.3f')} | "
+            f"{mean_std([r['others_change'] for r in runs], '+.3f')} |"
         )
     for domain in sorted({d for d, _ in rows}):
         dbes, rand = rows.get((domain, "dbes"), []), rows.get((domain, "random"), [])

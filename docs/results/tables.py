@@ -56,26 +56,41 @@ def run_values(run_dir: Path, extra: tuple[str, ...] = ()) -> dict[str, float]:
 
 def print_by_domain(run_dirs: list[Path], labels: dict[str, str]) -> None:
     """One Markdown row per group: validation loss per domain and their mean, ± std over seeds."""
-    groups: dict[str, list[dict[str, float]]] = {}
-    for d in run_dirs:
+
+    def losses(d: Path) -> dict[str, float]:
         ev = read_evaluation(d) or {}
-        row = dict(ev.get("val_loss_by_domain", {}), mean=ev.get("val_loss", math.nan))
-        name = re.sub(r"-seed\d+$", "", d.name)
-        groups.setdefault(labels.get(name, name), []).append(row)
+        return dict(ev.get("val_loss_by_domain", {}), mean=ev.get("val_loss", math.nan))
+
+    groups = by_group(run_dirs, labels, losses)
     domains = [k for k in next(iter(groups.values()))[0] if k != "mean"] + ["mean"]
-    print("| run | n | " + " | ".join(domains) + " |")
-    print("|---|---|" + "---|" * len(domains))
+    print_table(domains, domains, groups)
+
+
+def by_group(run_dirs, labels: dict[str, str], read) -> dict[str, list]:
+    """``read(run_dir)`` of every run, grouped by its directory name without ``-seedN`` (the
+    sweep's naming), shown as ``labels[name]`` where given; groups in first-seen order."""
+    groups: dict[str, list] = {}
+    for d in run_dirs:
+        name = re.sub(r"-seed\d+$", "", Path(d).name)
+        groups.setdefault(labels.get(name, name), []).append(read(d))
+    return groups
+
+
+def print_table(heads: list[str], keys: list[str], groups: dict[str, list[dict]]) -> None:
+    """A Markdown table: one row per group, its run count and ``mean_std`` of every key."""
+    print("| run | n | " + " | ".join(heads) + " |")
+    print("|---|---|" + "---|" * len(heads))
     for label, rows in groups.items():
-        cells = [_ms([r[k] for r in rows if k in r]) for k in domains]
+        cells = [mean_std([r[k] for r in rows if k in r]) for k in keys]
         print(f"| {label} | {len(rows)} | " + " | ".join(cells) + " |")
 
 
-def _ms(vals: list[float]) -> str:
+def mean_std(vals: list[float], fmt: str = ".3f") -> str:
+    """``mean ± sample std`` (the value alone for one, "—" for none)."""
     if not vals:
         return "—"
-    if len(vals) == 1:
-        return f"{vals[0]:.3f}"
-    return f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}"
+    sd = f" ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else ""
+    return f"{np.mean(vals):{fmt}}{sd}"
 
 
 def main() -> None:
@@ -108,17 +123,9 @@ def main() -> None:
     extra = [tuple(s.split("=", 1)) for s in args.extra]
     columns = COLUMNS + [(label, key) for key, label in extra]
     labels = dict(s.split("=", 1) for s in args.label)
-    groups: dict[str, list[dict[str, float]]] = {}
-    for d in args.run_dirs:
-        name = re.sub(r"-seed\d+$", "", d.name)
-        groups.setdefault(labels.get(name, name), []).append(
-            run_values(d, tuple(k for k, _ in extra))
-        )
-    print("| run | n | " + " | ".join(c for c, _ in columns) + " |")
-    print("|---|---|" + "---|" * len(columns))
-    for label, runs in groups.items():
-        cells = [_ms([r[k] for r in runs if k in r]) for _, k in columns]
-        print(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
+    keys = tuple(k for k, _ in extra)
+    groups = by_group(args.run_dirs, labels, lambda d: run_values(d, keys))
+    print_table([c for c, _ in columns], [k for _, k in columns], groups)
     plots.plot_chance(groups, args.png)
 
 

@@ -13,10 +13,9 @@ permutation null and the representation floor (raw), mean ± sample std over see
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
-import numpy as np
+from tables import by_group, print_table
 
 from moe_testbed.evaluation import read_evaluation
 from moe_testbed.rundir import read_metrics
@@ -33,34 +32,20 @@ def run_row(run_dir: Path) -> dict[str, float]:
     return {k: float(v) for k, v in row.items() if v is not None}
 
 
-def _ms(vals: list[float]) -> str:
-    if not vals:
-        return "—"
-    sd = f" ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else ""
-    return f"{np.mean(vals):.3f}{sd}"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dirs", nargs="+", type=Path)
     p.add_argument("--label", action="append", default=[], metavar="NAME=LABEL")
     args = p.parse_args()
     labels = dict(s.split("=", 1) for s in args.label)
-    groups: dict[str, list[dict[str, float]]] = {}
-    for d in args.run_dirs:
-        name = re.sub(r"-seed\d+$", "", d.name)
-        groups.setdefault(labels.get(name, name), []).append(run_row(d))
+    groups = by_group(args.run_dirs, labels, run_row)
     keys = sorted(
         {k for rows in groups.values() for r in rows for k in r if "@" in k},
         key=lambda k: (k.split("@")[0] != "spec", int(k.split("@")[1])),
     )
     columns = keys + ["null", "floor"]
     head = [k.replace("spec@", "spec step ").replace("util@", "util step ") for k in columns]
-    print("| run | n | " + " | ".join(head) + " |")
-    print("|---|---|" + "---|" * len(columns))
-    for label, rows in groups.items():
-        cells = [_ms([r[k] for r in rows if k in r]) for k in columns]
-        print(f"| {label} | {len(rows)} | " + " | ".join(cells) + " |")
+    print_table(head, columns, groups)
 
 
 if __name__ == "__main__":
