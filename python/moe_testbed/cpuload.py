@@ -17,7 +17,7 @@ import os
 import sys
 
 SIBLINGS_ENV = "MOE_TESTBED_SIBLING_THREADS"
-_warned = False
+_checked = False  # the check sleeps a quarter second: once per process is enough
 
 
 def cores() -> int:
@@ -103,16 +103,18 @@ def oversubscription(
 
 
 def warn_if_oversubscribed(own_threads: int | None = None) -> str | None:
-    """Print the :func:`oversubscription` warning to stderr once per process; returns it."""
-    global _warned
-    if _warned:
+    """Check once per process (the first run a process starts, before its own threads are busy)
+    and print the :func:`oversubscription` warning to stderr; returns it, None when checked
+    before."""
+    global _checked
+    if _checked:
         return None
+    _checked = True
     if own_threads is None:
         import torch
 
         own_threads = torch.get_num_threads()
     text = oversubscription(own_threads)
     if text is not None:
-        _warned = True
         print(f"moe-testbed: {text}", file=sys.stderr, flush=True)
     return text
